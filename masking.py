@@ -50,3 +50,111 @@ def bert_mask(
     student = torch.where(to_mask, torch.full_like(tokens, mask_id), tokens)
     student = torch.where(to_random, random_tokens, student)
     return student, mask
+
+
+def block_mask(
+    batch: int,
+    grid: tuple[int, int],
+    *,
+    ratio: float = 0.6,
+    min_patches: int | None = None,
+    min_aspect: float = 0.3,
+    generator: torch.Generator,
+) -> Tensor:
+    """BEiT block-wise masking (SPEC §2, vision; BEiT's `MaskingGenerator`): cover a (h, w) patch grid with
+    rectangles until exactly round(ratio * h * w) patches are masked.
+
+    Each rectangle has an area drawn uniformly in [min_patches, patches still to mask], a log-uniform aspect
+    ratio in [min_aspect, 1 / min_aspect] and a uniform position; it is kept if it masks at least one new patch
+    and no more than the remaining budget, and a block gets 10 attempts before the loop gives up (as in BEiT).
+    BEiT's loop can stop short of the target; we then grow the mask one patch at a time next to masked patches,
+    so the count is exact and no isolated patch appears. Unlike BEiT we reject rectangles whose rounded sides
+    give fewer than min_patches, so every connected masked region has at least min_patches patches, and we let a
+    side span the whole grid (BEiT's `w < width` check forbids it). min_patches defaults to BEiT's 16 at 14x14,
+    scaled by the grid area. At 14x14 and ratio 0.6 this masks 118 patches (data2vec_vision's command line: 120).
+    Returns (B, h * w) bool, row-major.
+    """
+    h, w = grid
+    target = round(ratio * h * w)
+    if min_patches is None:
+        min_patches = max(1, round(16 * h * w / 196))
+    masks = [_one_block_mask(h, w, target, min_patches, min_aspect, generator) for _ in range(batch)]
+    return torch.stack(masks).view(batch, h * w)                             # (B, h*w)
+
+
+def _one_block_mask(h: int, w: int, target: int, min_patches: int, min_aspect: float, g: torch.Generator) -> Tensor:
+    mask = torch.zeros(h, w, dtype=torch.bool)                                # (h, w)
+    count = 0
+    while count < target:
+        added = _place_block(mask, target - count, min_patches, min_aspect, g)
+        if added == 0:
+            break
+        count += added
+    for _ in range(target - count):
+        _grow(mask, g)
+    return mask
+
+
+def _place_block(mask: Tensor, budget: int, min_patches: int, min_aspect: float, g: torch.Generator) -> int:
+    """Try 10 rectangles; mask the first that adds between 1 and `budget` new patches. Returns the number added."""
+    h, w = mask.shape
+    for _ in range(10):
+        u_area, u_aspect, u_top, u_left = torch.rand(4, generator=g).tolist()
+        area = min_patches + u_area * max(budget - min_patches, 0)
+        aspect = min_aspect ** (1 - 2 * u_aspect)                             # log-uniform in [a, 1/a]
+        bh, bw = round((area * aspect) ** 0.5), round((area / aspect) ** 0.5)
+        if bh * bw < min_patches or bh > h or bw > w:
+            continue
+        top, left = int(u_top * (h - bh + 1)), int(u_left * (w - bw + 1))
+        block = mask[top : top + bh, left : left + bw]                        # (bh, bw) view into mask
+        added = bh * bw - int(block.sum())
+        if 0 < added <= budget:
+            block.fill_(True)
+            return added
+    return 0
+
+
+def _grow(mask: Tensor, g: torch.Generator) -> None:
+    """Mask one uniformly chosen unmasked patch that touches the mask (any patch if the mask is empty)."""
+    near = torch.zeros_like(mask)                                             # (h, w) 4-neighbours of the mask
+    near[1:] |= mask[:-1]
+    near[:-1] |= mask[1:]
+    near[:, 1:] |= mask[:, :-1]
+    near[:, :-1] |= mask[:, 1:]
+    frontier = ~mask & near if mask.any() else ~mask
+    noise = torch.rand(mask.shape, generator=g)
+    noise[~frontier] = 2.0
+    mask.view(-1)[noise.argmin()] = True
+
+
+def span_mask(
+    lengths: Tensor,
+    T: int,
+    *,
+    prob: float = 0.65,
+    span: int = 10,
+    generator: torch.Generator,
+    min_spans: int = 1,
+) -> Tensor:
+    """wav2vec 2.0 span masking (SPEC §2, speech; fairseq's `compute_mask_indices`, mask_type "static").
+
+    A row of L = lengths[b] real frames gets int(prob * L / span + u) spans (u ~ U[0, 1), probabilistic rounding),
+    at least min_spans. Span starts are drawn without replacement from [0, L - span), fairseq's range (so the last
+    frame of a long row is never masked); each span covers `span` frames and overlapping spans merge, so prob 0.65
+    masks ~49 % of a long row, not 65 %. A row of at most `span` frames gets a single span at 0 (fully masked).
+    Spans stop at L: padding is never masked. Unlike fairseq (require_same_masks) we do not trim every row down to
+    the smallest mask count in the batch, which would make a row's mask depend on the other rows' padding (SPEC §6).
+    lengths: (B,) long, each <= T. Returns (B, T) bool.
+    """
+    B = lengths.shape[0]
+    steps = torch.arange(T)                                                   # (T,)
+    n_starts = (lengths - span).clamp(min=1)                                  # (B,) candidate span starts
+    k = (prob * lengths / span + torch.rand(B, generator=generator)).long()   # (B,) spans per row
+    k = k.clamp(min=min_spans).minimum(n_starts)
+    noise = torch.rand(B, T, generator=generator)                             # (B, T)
+    noise[steps >= n_starts[:, None]] = 2.0                                   # non-candidates sort last
+    starts = noise.argsort(1).argsort(1) < k[:, None]                         # (B, T) True where a span starts
+    # frame t is masked when a span starts in (t - span, t]: a difference of running counts of starts
+    count = starts.long().cumsum(1)                                           # (B, T)
+    before = torch.cat([count.new_zeros(B, span), count], 1)[:, :T]           # (B, T) count at t - span
+    return (count > before) & (steps < lengths[:, None])

@@ -1,0 +1,121 @@
+"""Vision data: augmentations keep shape and range, the digits split, image folders (modes, corrupt files, errors)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vision_data import (
+    DataError,
+    ImageData,
+    color_jitter,
+    hflip,
+    load_image_folder,
+    prepare_digits,
+    random_resized_crop,
+)
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    prepare_digits(out)
+    return out
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_augmentations_keep_shape_and_range(channels):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, channels, 12, 12)
+    for y in (color_jitter(x, 0.4, g), hflip(x, g), random_resized_crop(x, 12, g)):
+        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    y = random_resized_crop(x, 20, g, scale=(0.5, 1.0))
+    assert y.shape == (16, channels, 20, 20) and y.min() >= 0 and y.max() <= 1
+
+
+def test_augmentations_against_plain_ops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.equal(hflip(x, g, p=1.0), x.flip(-1))
+    whole = random_resized_crop(x, 32, g, scale=(1.0, 1.0), ratio=(1.0, 1.0))  # the whole image, resized
+    assert torch.allclose(whole, F.interpolate(x, size=32, mode="bilinear", align_corners=False), atol=1e-5)
+    assert torch.allclose(color_jitter(x, 0.0, g), x, atol=1e-6)                 # factors all 1: no change
+
+
+def test_digits_prepare_and_split(digits_dir):
+    d = np.load(digits_dir / "digits.npz")
+    train, test, labels = d["train_idx"], d["test_idx"], d["labels"]
+    assert d["images"].shape == (1797, 8, 8) and d["images"].max() == 16
+    assert len(np.intersect1d(train, test)) == 0 and len(train) + len(test) == 1797
+    for split in (train, test):
+        assert set(labels[split]) == set(range(10))
+    for c in range(10):                                                       # stratified: 20 % of each class
+        assert abs((labels[test] == c).sum() / (labels == c).sum() - 0.2) < 0.01
+    mtime = (digits_dir / "digits.npz").stat().st_mtime_ns
+    assert prepare_digits(digits_dir)["num_test"] == len(test)                # second call reads, never rewrites
+    assert (digits_dir / "digits.npz").stat().st_mtime_ns == mtime
+
+
+def test_digits_batches(digits_dir):
+    data = ImageData.digits(digits_dir, image_size=32)
+    assert (data.num_classes, data.in_chans, data.image_size) == (10, 1, 32)
+    x, y = data.batch("train", 64, torch.Generator().manual_seed(0), augment=True)
+    x2, y2 = data.batch("train", 64, torch.Generator().manual_seed(0), augment=True)
+    assert x.shape == (64, 1, 32, 32) and y.dtype == torch.long and torch.equal(x, x2) and torch.equal(y, y2)
+    x_all, y_all = data.all("test")
+    assert x_all.shape == (359, 1, 32, 32) and abs(x_all.mean().item()) < 0.1    # normalised with train stats
+    chunks = list(data.iterate("test", 100, rank=1, world_size=2))
+    assert sum(len(c[1]) for c in chunks) == 179 and torch.equal(chunks[0][1], y_all[1:200:2])
+
+
+def write_image_folder(root, size=(20, 14)):
+    (root / "cat").mkdir(parents=True)
+    (root / "dog").mkdir()
+    Image.new("L", size, 128).save(root / "cat" / "gray.png")
+    Image.new("RGBA", size, (255, 0, 0, 100)).save(root / "cat" / "rgba.png")
+    Image.new("P", size, 3).save(root / "dog" / "palette.png")
+    Image.new("RGB", size, (0, 0, 255)).save(root / "dog" / "rgb.jpg")
+    (root / "dog" / "notes.txt").write_text("not an image, ignored")
+
+
+def test_image_folder_converts_modes_and_skips_corrupt(tmp_path):
+    write_image_folder(tmp_path)
+    (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.warns(UserWarning, match="broken.png"):
+        images, labels, names = load_image_folder(tmp_path, 16)
+    assert names == ["cat", "dog"] and labels.tolist() == [0, 0, 1, 1]
+    assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
+    gray, rgba = images[0], images[1]
+    assert (gray == 128).all()                                                # grey -> equal R, G, B
+    assert rgba[0].eq(255).all() and rgba[1:].eq(0).all()                     # alpha dropped, colour kept
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_image_folder(tmp_path / "missing", 16)
+    with pytest.raises(DataError, match="no class subfolders"):
+        load_image_folder(tmp_path, 16)                                       # empty
+    (tmp_path / "loose.png").write_bytes(b"")
+    with pytest.raises(DataError, match="no class subfolders"):
+        load_image_folder(tmp_path, 16)                                       # files but no subfolders
+    (tmp_path / "cls").mkdir()
+    (tmp_path / "cls" / "bad.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="no readable images"):
+        load_image_folder(tmp_path, 16)
+
+
+def test_folder_dataset_layouts(tmp_path):
+    write_image_folder(tmp_path / "flat")
+    data = ImageData.folder(tmp_path / "flat", image_size=16)
+    assert (data.num_classes, data.in_chans) == (2, 3)
+    assert len(data.labels["train"]) == 2 and sorted(data.labels["test"].tolist()) == [0, 1]
+    x, y = data.batch("train", 8, torch.Generator().manual_seed(0), augment=True)
+    assert x.shape == (8, 3, 16, 16) and y.shape == (8,)
+    write_image_folder(tmp_path / "split" / "train")
+    write_image_folder(tmp_path / "split" / "val")
+    data = ImageData.folder(tmp_path / "split", image_size=16)
+    assert len(data.labels["train"]) == len(data.labels["test"]) == 4
+    (tmp_path / "split" / "val" / "bird").mkdir()
+    with pytest.raises(DataError, match="bird"):
+        ImageData.folder(tmp_path / "split", image_size=16)
