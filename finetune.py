@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from text_data import DataError, encode_texts, load_prepared, read_tsv
-from train import (Config, CheckpointError, ConfigError, PRESETS, build_model, load_checkpoint, load_state,
-                   parse_overrides, prepared_dir, setup_system)
+from text_data import DataError, encode_texts, read_tsv
+from train import (TASKS, Config, CheckpointError, ConfigError, PRESETS, load_checkpoint, load_state,
+                   parse_overrides, setup_system)
 from transformer import Transformer
 
 
@@ -68,21 +68,23 @@ class Classifier(nn.Module):
         return self.head(self.features(tokens))                         # (B, classes)
 
 
-def load_encoder(fc: FinetuneConfig, vocab_size: int, pad_id: int) -> tuple[nn.Module, Transformer, Config]:
-    """The student's encoder and Transformer from a checkpoint, or the same architecture with random weights."""
+def pretrained_config(fc: FinetuneConfig) -> Config:
+    """The pretraining config of --init_from (or of the preset, for random weights): architecture and data."""
     if fc.init_from == "random":
-        cfg = Config(**{**PRESETS[fc.modality][fc.preset], "modality": fc.modality})
-        torch.manual_seed(fc.seed)
-        model = build_model(cfg, vocab_size, pad_id)
-    else:
-        path = Path(fc.init_from)
-        ckpt = load_checkpoint(path)
-        cfg = Config(**ckpt["config"])
-        if cfg.modality != fc.modality:
-            raise CheckpointError(f"{path} is a {cfg.modality} checkpoint; pass --modality={cfg.modality}")
-        model = build_model(cfg, vocab_size, pad_id)
-        load_state(model, ckpt["model"], "student", path)
-    return model.encoder, model.student, cfg
+        return Config(**{**PRESETS[fc.modality][fc.preset], "modality": fc.modality})
+    cfg = Config(**load_checkpoint(Path(fc.init_from))["config"])
+    if cfg.modality != fc.modality:
+        raise CheckpointError(f"{fc.init_from} is a {cfg.modality} checkpoint; pass --modality={cfg.modality}")
+    return cfg
+
+
+def load_student(fc: FinetuneConfig, cfg: Config, task) -> nn.Module:
+    """The pretrained student (encoder + Transformer), or the same architecture with random weights."""
+    torch.manual_seed(fc.seed)
+    model = task.build_model()
+    if fc.init_from != "random":
+        load_state(model, load_checkpoint(Path(fc.init_from))["model"], "student", Path(fc.init_from))
+    return model
 
 
 def subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -116,17 +118,25 @@ def accuracy(predict, tokens: torch.Tensor, labels: torch.Tensor, batch_size: in
 
 def run(fc: FinetuneConfig) -> dict:
     if not fc.init_from:
-        raise ConfigError("pass --init_from=<checkpoint> (e.g. out-text/ckpt.pt) or --init_from=random")
+        raise ConfigError(f"pass --init_from=<checkpoint> (e.g. out-{fc.modality}/ckpt.pt) or --init_from=random")
     if fc.mode not in ("finetune", "probe"):
         raise ConfigError(f"--mode={fc.mode}: use finetune or probe")
+    if fc.modality not in RUNNERS:
+        raise ConfigError(f"unknown modality {fc.modality!r}: choose one of {', '.join(RUNNERS)}")
+    cfg = pretrained_config(fc)
     _, _, device, dtype = setup_system(Config(device=fc.device, dtype=fc.dtype))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    t0 = time.time()
+    result = RUNNERS[fc.modality](fc, cfg, device, autocast)
+    result.update(modality=fc.modality, mode=fc.mode, init_from=fc.init_from, seconds=time.time() - t0)
+    return result
 
-    # the tokenizer and data dir the encoder was pretrained with
-    arch = Config(**load_checkpoint(Path(fc.init_from))["config"]) if fc.init_from != "random" else Config()
-    data_dir = prepared_dir(arch)
-    meta, enc = load_prepared(data_dir)
-    tr_text, tr_label, te_text, te_label = load_task(fc, data_dir)
+
+def run_text(fc: FinetuneConfig, cfg: Config, device: torch.device, autocast) -> dict:
+    """Passage classification: default genre task, or --train / --test TSV files."""
+    task = TASKS["text"](cfg, prepare=True)
+    meta, enc = task.data.meta, task.data.enc
+    tr_text, tr_label, te_text, te_label = load_task(fc, task.data_dir)
     classes = sorted(set(tr_label))
     unknown = sorted(set(te_label) - set(classes))
     if unknown:
@@ -137,24 +147,18 @@ def run(fc: FinetuneConfig) -> dict:
     x_test = encode_texts(enc, te_text, fc.max_len, meta)
     keep = subset(y_train, fc.label_fraction, fc.seed)
     x_train, y_train = x_train[keep], y_train[keep]
-
-    encoder, transformer, cfg = load_encoder(fc, meta["vocab_size"], meta["pad_id"])
     if cfg.block_size < fc.max_len:
         raise ConfigError(f"--max_len={fc.max_len} exceeds the encoder's {cfg.block_size} positions")
-    torch.manual_seed(fc.seed)
-    model = Classifier(encoder, transformer, len(classes), fc.dropout).to(device)
+    student = load_student(fc, cfg, task)
+    model = Classifier(student.encoder, student.student, len(classes), fc.dropout).to(device)
     print(f"{fc.mode} on {len(x_train)} training / {len(x_test)} test examples, {len(classes)} classes {classes}, "
           f"encoder from {fc.init_from}")
-    t0 = time.time()
     if fc.mode == "probe":
         acc = probe(model, fc, x_train.to(device), y_train.to(device), x_test.to(device), y_test.to(device), autocast)
     else:
         acc = finetune(model, fc, x_train.to(device), y_train.to(device), x_test.to(device), y_test.to(device), autocast)
-    result = dict(mode=fc.mode, init_from=fc.init_from, accuracy=acc, n_train=len(x_train), n_test=len(x_test),
-                  seconds=time.time() - t0)
-    print(f"test accuracy {acc:.4f} ({fc.mode}, init {fc.init_from}, {len(x_train)} labelled examples, "
-          f"{result['seconds']:.0f}s)")
-    return result
+    print(f"test accuracy {acc:.4f} ({fc.mode}, init {fc.init_from}, {len(x_train)} labelled examples)")
+    return dict(accuracy=acc, n_train=len(x_train), n_test=len(x_test))
 
 
 def probe(model: Classifier, fc: FinetuneConfig, x_train, y_train, x_test, y_test, autocast) -> float:
@@ -207,6 +211,9 @@ def finetune(model: Classifier, fc: FinetuneConfig, x_train, y_train, x_test, y_
         print(f"epoch {epoch + 1}/{fc.epochs} | train loss {total / len(x_train):.4f} | test accuracy {acc:.4f} | "
               f"{time.time() - t0:.0f}s")
     return acc
+
+
+RUNNERS = {"text": run_text}
 
 
 def main(argv: list[str]) -> int:

@@ -180,30 +180,42 @@ def sub_config(cls: type, cfg: Config):
 
 
 # -----------------------------------------------------------------------------
-# the text modality: data, encoder, batches
+# modalities: each Task prepares its data, builds its model and draws pretraining batches
 
-def prepared_dir(cfg: Config) -> Path:
-    return ROOT / "data" / ("text" if not cfg.data else f"text-{Path(cfg.data).resolve().name}")
+class TextTask:
+    """Text: BPE tokens, RoBERTa embeddings, BERT masking (SPEC §2)."""
+
+    def __init__(self, cfg: Config, prepare: bool):
+        self.cfg = cfg
+        self.data_dir = text_data_dir(cfg)
+        if prepare:
+            prepare_text(Path(cfg.data) if cfg.data else None, self.data_dir, cfg.vocab_size, cfg.tokenizer)
+        self.data = TextPretrainData(self.data_dir, cfg.block_size)
+        self.steps_per_sample = cfg.block_size          # for tokens/s
+
+    def build_model(self) -> Data2Vec:
+        cfg = self.cfg
+        encoder = TextEncoder(self.data.vocab_size, cfg.dim, cfg.block_size, self.data.pad_id, cfg.dropout, cfg.ln_eps)
+        return Data2Vec(encoder, sub_config(TransformerConfig, cfg), sub_config(TargetConfig, cfg), head_hidden=True)
+
+    def batch(self, split: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        d = self.data
+        tokens = d.batch(split, self.cfg.batch_size, generator)                              # (B, T)
+        special = (tokens == d.bos_id) | (tokens == d.eos_id) | (tokens == d.pad_id)
+        student, mask = bert_mask(tokens, mask_id=d.mask_id, n_normal=d.n_normal, special=special,
+                                  generator=generator, prob=self.cfg.mask_prob)
+        return dict(source=tokens, mask=mask, student_source=student)
 
 
-def load_text_data(cfg: Config, prepare: bool) -> TextPretrainData:
-    out = prepared_dir(cfg)
-    if prepare:
-        prepare_text(Path(cfg.data) if cfg.data else None, out, vocab_size=cfg.vocab_size, tokenizer=cfg.tokenizer)
-    return TextPretrainData(out, cfg.block_size)
+def text_data_dir(cfg: Config) -> Path:
+    """Where the tokenized data and tokenizer are cached: data/text for the default corpus, else beside the data."""
+    if not cfg.data:
+        return ROOT / "data" / "text"
+    source = Path(cfg.data).resolve()
+    return source.parent / f"{source.stem}-data2vec"
 
 
-def build_model(cfg: Config, vocab_size: int, pad_id: int) -> Data2Vec:
-    encoder = TextEncoder(vocab_size, cfg.dim, cfg.block_size, pad_id, cfg.dropout, cfg.ln_eps)
-    return Data2Vec(encoder, sub_config(TransformerConfig, cfg), sub_config(TargetConfig, cfg), head_hidden=True)
-
-
-def text_batch(data: TextPretrainData, cfg: Config, split: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    tokens = data.batch(split, cfg.batch_size, generator)                           # (B, T)
-    special = (tokens == data.bos_id) | (tokens == data.eos_id) | (tokens == data.pad_id)
-    student, mask = bert_mask(tokens, mask_id=data.mask_id, n_normal=data.n_normal, special=special,
-                              generator=generator, prob=cfg.mask_prob)
-    return dict(source=tokens, mask=mask, student_source=student)
+TASKS = {"text": TextTask}
 
 
 def batch_seed(seed: int, step: int, index: int) -> int:
@@ -313,6 +325,27 @@ def load_state(module: torch.nn.Module, state: dict, what: str, path: Path) -> N
 # -----------------------------------------------------------------------------
 # the training loop
 
+def forward_backward(model, teacher: EMATeacher, batches: list[dict], world: int, scaler, autocast):
+    """Gradients of one optimizer step over this process's micro-batches, normalised by the masked-step count of
+    the whole global batch (SPEC §1.6, §6): the result equals one big batch, however it is split into micro-steps
+    and processes. Returns (loss sum over all processes, global masked count, predictions, targets)."""
+    n_masked = all_reduce(sum(b["mask"].sum() for b in batches).float())     # masked steps in the global batch
+    loss_sum = torch.zeros((), device=n_masked.device)
+    preds, targets = [], []
+    for m, b in enumerate(batches):
+        if world > 1:
+            # sync gradients only on the last micro-step; must be set before its forward
+            model.require_backward_grad_sync = m == len(batches) - 1
+        with autocast:
+            loss, pred, y = model(**b, teacher=teacher)
+        # DDP averages gradients over processes; scaling by world makes the result sum / global count
+        scaler.scale(loss * world / n_masked).backward()
+        loss_sum += loss.detach().float()
+        preds.append(pred)
+        targets.append(y)
+    return all_reduce(loss_sum), n_masked, preds, targets
+
+
 def format_eta(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -351,16 +384,17 @@ def train(cfg: Config) -> Path:
 
     # ---- data (rank 0 prepares, the others wait) ----
     if master:
-        data = load_text_data(cfg, prepare=True)
+        task = TASKS[cfg.modality](cfg, prepare=True)
     if dist.is_initialized():
         dist.barrier()
     if not master:
-        data = load_text_data(cfg, prepare=False)
+        task = TASKS[cfg.modality](cfg, prepare=False)
 
     # ---- model, teacher, optimiser ----
-    torch.manual_seed(cfg.seed + rank)
-    model = build_model(cfg, data.vocab_size, data.pad_id).to(device)
+    torch.manual_seed(cfg.seed)             # the same initial weights in every process (teacher included)
+    model = task.build_model().to(device)
     teacher = EMATeacher(model.student, cfg.tau_0, cfg.tau_e, cfg.tau_n).to(device)
+    torch.manual_seed(cfg.seed + rank)      # each process its own dropout stream
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW(
@@ -386,7 +420,7 @@ def train(cfg: Config) -> Path:
 
     def batch(split: str, step: int, index: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(batch_seed(cfg.seed, step, index))
-        return {k: v.to(device, non_blocking=True) for k, v in text_batch(data, cfg, split, g).items()}
+        return {k: v.to(device, non_blocking=True) for k, v in task.batch(split, g).items()}
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -407,10 +441,10 @@ def train(cfg: Config) -> Path:
                     rng=gather_rng_states(world))
 
     micro = cfg.grad_accum // world
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.block_size
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * task.steps_per_sample
     n_params = sum(p.numel() for p in raw_model.parameters())
     say(f"data2vec {cfg.modality}/{cfg.preset}: {n_params / 1e6:.2f}M parameters, {world} process(es) on {device}, "
-        f"{dtype}, global batch {cfg.batch_size * cfg.grad_accum} x {cfg.block_size} tokens, {cfg.max_iters} steps")
+        f"{dtype}, global batch {cfg.batch_size * cfg.grad_accum} x {task.steps_per_sample} steps, {cfg.max_iters} updates")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     t_start, t_last, last_step = time.time(), time.time(), step
@@ -425,19 +459,7 @@ def train(cfg: Config) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = [batch("train", step, rank * micro + m) for m in range(micro)]
-        n_masked = all_reduce(sum(b["mask"].sum() for b in batches).float())   # masked steps in the global batch
-        loss_sum = torch.zeros((), device=device)
-        preds, targets = [], []
-        for m, b in enumerate(batches):
-            if world > 1:
-                model.require_backward_grad_sync = m == micro - 1
-            with autocast:
-                loss, pred, y = model(**b, teacher=teacher)
-            # DDP averages gradients over processes; scaling by world makes the result sum / global count
-            scaler.scale(loss * world / n_masked).backward()
-            loss_sum += loss.detach().float()
-            preds.append(pred)
-            targets.append(y)
+        loss_sum, n_masked, preds, targets = forward_backward(model, teacher, batches, world, scaler, autocast)
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
@@ -447,7 +469,7 @@ def train(cfg: Config) -> Path:
         step += 1
         teacher.update(raw_model.student, step)
 
-        loss_value = (all_reduce(loss_sum) / n_masked).item()
+        loss_value = (loss_sum / n_masked).item()
         if not math.isfinite(loss_value):
             kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
             raise FloatingPointError(f"the loss is {loss_value} at step {step}: stopping; {kept}. "

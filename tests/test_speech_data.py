@@ -1,0 +1,174 @@
+"""Speech data: audio checks, manifests, batching, resampling and the espeak-ng corpus."""
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import speech_data
+from ctc import encode_ltr, normalize_text, text_to_ltr
+from speech_data import (DataError, SpeechData, check_manifest, librispeech_manifest, load_audio, normalize_wave,
+                         prepare_speech, read_manifest, resample, shakespeare_lines, write_manifest)
+
+
+def tone(n: int, rate: int = 16000, channels: int = 1) -> np.ndarray:
+    wave = 0.3 * np.sin(2 * np.pi * 220 * np.arange(n) / rate) + 0.05
+    return np.stack([wave] * channels, 1) if channels > 1 else wave
+
+
+def write(path: Path, n: int, rate: int = 16000, channels: int = 1) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), tone(n, rate, channels), rate)
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """Eight clips of 0.1-0.8 s under tmp_path/audio with a manifest and letter transcripts."""
+    files = [write(tmp_path / "audio" / f"spk{i % 2}" / f"{i}.wav", 1600 * (i + 1)).relative_to(tmp_path / "audio")
+             for i in range(8)]
+    ltr = [text_to_ltr(f"word {'a' * (i + 1)}") for i in range(8)]
+    write_manifest(tmp_path / "audio", files, tmp_path / "audio" / "train.tsv", ltr)
+    return tmp_path / "audio" / "train.tsv"
+
+
+def test_manifest_round_trip_and_relocation(corpus: Path, tmp_path: Path):
+    root, entries, ltr = read_manifest(corpus)
+    assert corpus.read_text().splitlines()[:2] == [".", "spk0/0.wav\t1600"]
+    assert [n for _, n in entries] == [1600 * (i + 1) for i in range(8)]
+    assert ltr[2] == "W O R D | A A A |"
+    moved = shutil.move(str(corpus.parent), str(tmp_path / "moved"))       # root relative to the manifest
+    assert check_manifest(Path(moved) / "train.tsv")[1] == entries
+
+
+def test_absolute_root_outside_the_manifest_folder(tmp_path: Path):
+    write(tmp_path / "audio" / "a.wav", 800)
+    write_manifest(tmp_path / "audio", ["a.wav"], tmp_path / "lists" / "x.tsv")
+    root, entries, ltr = check_manifest(tmp_path / "lists" / "x.tsv")
+    assert root == (tmp_path / "audio").resolve() and entries == [("a.wav", 800)] and ltr is None
+
+
+@pytest.mark.parametrize("problem, needle", [
+    ("missing", "no such file"),
+    ("rate", "8000 Hz"),
+    ("stereo", "2 channels"),
+    ("short", "fewer than min_samples=400"),
+    ("empty", "0 samples"),
+    ("garbage", "not readable audio"),
+])
+def test_bad_audio_raises_data_error_naming_the_file(tmp_path: Path, problem: str, needle: str):
+    path = tmp_path / "bad.wav"
+    if problem == "rate":
+        write(path, 8000, rate=8000)
+    elif problem == "stereo":
+        write(path, 1000, channels=2)
+    elif problem in ("short", "empty"):
+        write(path, 399 if problem == "short" else 0)
+    elif problem == "garbage":
+        path.write_text("not a wav file")
+    with pytest.raises(DataError, match=needle) as error:
+        load_audio(path)
+    assert str(path) in str(error.value)
+
+
+def test_manifest_problems_raise_data_error(corpus: Path, tmp_path: Path):
+    write(corpus.parent / "spk1" / "1.wav", 1234)                           # the file changed after the manifest
+    with pytest.raises(DataError, match=r"1\.wav: 1234 samples but .* lists 3200"):
+        check_manifest(corpus)
+    with pytest.raises(DataError, match="no such manifest"):
+        read_manifest(tmp_path / "nothing.tsv")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text(".\na.wav 1600\n")
+    with pytest.raises(DataError, match=r"bad\.tsv:2: expected"):
+        read_manifest(bad)
+    corpus.with_suffix(".ltr").write_text("A |\n")
+    with pytest.raises(DataError, match="1 lines but"):
+        read_manifest(corpus)
+
+
+def test_normalize_wave():
+    wave = normalize_wave(torch.from_numpy(tone(5000)).float())
+    assert abs(wave.mean()) < 1e-5 and abs(wave.std(unbiased=False) - 1) < 1e-3
+
+
+def test_pretraining_batches_bucket_crop_and_pad(corpus: Path):
+    data = SpeechData(corpus, max_samples=8000)
+    batch = data.batch(2, torch.Generator().manual_seed(0))
+    assert batch.waves.shape == (2, int(batch.lengths.max())) and batch.targets is None
+    again = data.batch(2, torch.Generator().manual_seed(0))
+    assert torch.equal(batch.waves, again.waves)                              # randomness only from the generator
+    g = torch.Generator().manual_seed(1)
+    seen = set()
+    for _ in range(200):
+        b = data.batch(2, g)
+        assert (b.lengths <= 8000).all() and b.lengths.min() >= 1600
+        for row, n in zip(b.waves, b.lengths):
+            assert (row[n:] == 0).all() and abs(row[:n].mean()) < 0.2           # normalised, zero-padded
+            seen.add(round(float(row[0]), 4))
+        assert b.lengths.max() - b.lengths.min() <= 1600                      # neighbours in length only
+    assert len(seen) > 20                                                     # long clips cropped at random offsets
+
+
+def test_finetuning_batches_carry_targets_and_skip_long_clips(corpus: Path):
+    data = SpeechData(corpus, max_samples=8000, targets=True)
+    assert len(data) == 5                                                     # 9600+ sample clips left out
+    batches = list(data.iterate(2))
+    assert sum(len(b.lengths) for b in batches) == 5 and batches[0].lengths.tolist() == [1600, 3200]
+    b, expected = batches[1], [encode_ltr(text_to_ltr(f"word {'a' * n}")) for n in (3, 4)]
+    assert b.target_lengths.tolist() == [len(e) for e in expected]
+    assert b.targets[0, : b.target_lengths[0]].tolist() == expected[0]
+    assert b.targets[0, b.target_lengths[0]:].eq(0).all()
+
+
+def test_librispeech_manifest(tmp_path: Path):
+    chapter = tmp_path / "dev-clean" / "84" / "121123"
+    for i in range(2):
+        sf.write(str(write(chapter / f"84-121123-000{i}.wav", 1000 + i).with_suffix(".flac")), tone(1000 + i), 16000)
+    (chapter / "84-121123.trans.txt").write_text("84-121123-0000 GO DO YOU HEAR\n84-121123-0001 BUT IN LESS\n")
+    tsv = librispeech_manifest(tmp_path / "dev-clean", tmp_path / "manifests", "dev_clean")
+    root, entries, ltr = check_manifest(tsv, min_samples=1)
+    assert entries == [("84/121123/84-121123-0000.flac", 1000), ("84/121123/84-121123-0001.flac", 1001)]
+    assert ltr == ["G O | D O | Y O U | H E A R |", "B U T | I N | L E S S |"]
+    assert tsv.with_suffix(".wrd").read_text() == "GO DO YOU HEAR\nBUT IN LESS\n"
+    (chapter / "84-121123.trans.txt").write_text("84-121123-0000 GO DO YOU HEAR\n")
+    with pytest.raises(DataError, match="84-121123-0001.flac: no transcript"):
+        librispeech_manifest(tmp_path / "dev-clean", tmp_path / "manifests", "dev_clean")
+
+
+def test_resample_keeps_tones_and_removes_aliases():
+    t = torch.arange(22050) / 22050
+    for hz, expected in ((440, 1.0), (3000, 1.0), (10000, 0.0)):              # 10 kHz is above the new Nyquist
+        out = resample(torch.sin(2 * math.pi * hz * t), 22050, 16000)
+        assert len(out) == 16000
+        reference = expected * torch.sin(2 * math.pi * hz * torch.arange(16000) / 16000)
+        assert (out - reference)[200:-200].abs().max() < 0.03
+
+
+def test_shakespeare_lines_are_clean():
+    lines = shakespeare_lines(Path(speech_data.__file__).parent / "data" / "shakespeare.tar.xz")
+    assert len(lines) > 50_000
+    for text, words in lines[::500]:
+        assert words == normalize_text(text) and 3 <= len(words.split()) <= 15
+        assert set(words) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZ' ")
+
+
+def test_missing_espeak_says_how_to_install(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(DataError, match="apt-get install -y espeak-ng"):
+        prepare_speech(tmp_path / "speech")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (apt-get install -y espeak-ng)")
+def test_tiny_espeak_corpus(tmp_path: Path):
+    stats = prepare_speech(tmp_path / "speech", n_utts=3, n_test=1, n_test_voices=1)
+    assert stats["train"]["utterances"] == 2 and stats["test"]["utterances"] == 1
+    assert not set(stats["train"]["voices"]) & set(stats["test"]["voices"])
+    assert prepare_speech(tmp_path / "speech", n_utts=3, n_test=1, n_test_voices=1) == stats   # done: skipped
+    assert not (tmp_path / "speech.tmp").exists()
+    data = SpeechData(tmp_path / "speech" / "train.tsv", max_samples=16000 * 20, targets=True)
+    assert len(data) == 2 and data.lengths.min() > 16000 // 2                 # 3+ words last over half a second

@@ -1,0 +1,189 @@
+"""train.py: config parsing, schedules, exact resume, gradient accumulation, DDP, and the errors a user can cause."""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from data2vec import EMATeacher
+from train import Config, forward_backward, lr_at, parse_args
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--block_size=32", "--batch_size=4",
+        "--vocab_size=320", "--top_k=2", "--eval_iters=2", "--log_interval=1", "--tau_n=8"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Two plays of the embedded corpus as a user's .txt file."""
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    with tarfile.open(ROOT / "data" / "shakespeare.tar.xz") as tar:
+        text = "".join(tar.extractfile(f"shakespeare/{n}.txt").read().decode() for n in ("hamlet", "tempest"))
+    path.write_text(text)
+    return path
+
+
+def run(args: list[str], capsys=None) -> tuple[int, str]:
+    code = train.main(args)
+    err = capsys.readouterr().err if capsys else ""
+    return code, err
+
+
+def history(out: Path) -> dict:
+    return torch.load(out / "ckpt.pt", weights_only=True)["history"]
+
+
+# ---- configuration -----------------------------------------------------------------------------------------------
+
+def test_preset_then_overrides():
+    cfg = parse_args(["--modality=text", "--preset=base", "--lr=1e-4", "--compile"])
+    assert (cfg.n_layer, cfg.dim, cfg.top_k, cfg.lr, cfg.compile) == (12, 768, 10, 1e-4, True)
+    assert cfg.out_dir == "out-text"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layers=3"], "did you mean --n_layer?"),
+    (["--n_layer=three"], "--n_layer takes an int"),
+    (["--compile=maybe"], "--compile takes true or false"),
+    (["--modality=smell"], "unknown modality"),
+    (["--preset=huge"], "unknown preset"),
+    (["n_layer=3"], "settings look like --key=value"),
+])
+def test_config_errors(argv, message, capsys):
+    code, err = run(argv, capsys)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+# ---- schedules -----------------------------------------------------------------------------------------------
+
+def test_lr_schedules_hit_their_endpoints():
+    cfg = Config(max_iters=100, lr=1.0, min_lr=0.1, warmup=0.1, hold=0.5, schedule="tri")
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == 1.0 and lr_at(59, cfg) == 1.0
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+    assert lr_at(80, cfg) == pytest.approx(1.0 - 0.9 * 20 / 40)
+    cfg.schedule = "cosine"
+    assert lr_at(9, cfg) == 1.0 and lr_at(10, cfg) == 1.0
+    assert lr_at(55, cfg) == pytest.approx(0.55)
+    assert lr_at(100, cfg) == pytest.approx(0.1)
+
+
+# ---- gradient accumulation -----------------------------------------------------------------------------------------
+
+def test_grad_accum_two_halves_equal_one_batch(corpus):
+    cfg = parse_args([*TINY, f"--data={corpus}", "--dropout=0", "--attn_dropout=0"])
+    cfg.batch_size = 8
+    task = train.TextTask(cfg, prepare=True)
+    torch.manual_seed(0)
+    model = task.build_model()
+    teacher = EMATeacher(model.student, 0.99, 0.99, 1)
+    big = task.batch("train", torch.Generator().manual_seed(0))
+    halves = [{k: v[:4] for k, v in big.items()}, {k: v[4:] for k, v in big.items()}]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    grads = []
+    for batches in ([big], halves):
+        model.zero_grad()
+        loss, n, _, _ = forward_backward(model, teacher, batches, 1, scaler, torch.autocast("cpu", enabled=False))
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+# ---- resume --------------------------------------------------------------------------------------------------
+
+def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, monkeypatch, capsys):
+    args = [*TINY, f"--data={corpus}", "--max_iters=8", "--ckpt_interval=4", "--eval_interval=4"]
+    assert run([*args, f"--out_dir={tmp_path / 'straight'}"])[0] == 0
+
+    class Crash(Exception):
+        pass
+
+    save = train.save_checkpoint
+
+    def save_then_crash(path, state):
+        save(path, state)
+        raise Crash("simulated crash after the step-4 checkpoint")
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run([*args, f"--out_dir={tmp_path / 'resumed'}"])
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 4
+    assert run([*args, f"--out_dir={tmp_path / 'resumed'}", "--resume"])[0] == 0
+
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert a["history"]["loss"] == b["history"]["loss"]
+    assert a["history"]["eval_loss"] == b["history"]["eval_loss"]
+    for part in ("model", "teacher"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert (tmp_path / "resumed" / "loss.png").stat().st_size > 1000
+
+
+# ---- errors a user can cause -----------------------------------------------------------------------------------
+
+def test_missing_and_empty_data(tmp_path, capsys):
+    code, err = run([*TINY, f"--data={tmp_path / 'nope.txt'}", f"--out_dir={tmp_path / 'o'}"], capsys)
+    assert code == 1 and "nope.txt" in err
+    (tmp_path / "empty").mkdir()
+    code, err = run([*TINY, f"--data={tmp_path / 'empty'}", f"--out_dir={tmp_path / 'o'}"], capsys)
+    assert code == 1 and "empty" in err and "Traceback" not in err
+
+
+def test_checkpoint_errors_never_overwrite_the_last_good_one(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*TINY, f"--data={corpus}", "--max_iters=2", f"--out_dir={out}"]
+    assert run(args)[0] == 0
+    good = (out / "ckpt.pt").read_bytes()
+
+    code, err = run(args, capsys)                                   # a fresh run into a used out_dir
+    assert code == 1 and "--resume" in err
+
+    code, err = run([*args, "--resume", "--n_layer=3", "--max_iters=4"], capsys)   # mismatched settings
+    assert code == 1 and "n_layer=2" in err
+    assert (out / "ckpt.pt").read_bytes() == good
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "ckpt.pt").write_bytes(good[: len(good) // 2])              # truncated file
+    code, err = run([*TINY, f"--data={corpus}", f"--out_dir={tmp_path / 'bad'}", "--resume"], capsys)
+    assert code == 1 and "corrupt" in err and "Traceback" not in err
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    forward = train.Data2Vec.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        loss, pred, y = forward(self, *a, **k)
+        calls["n"] += self.training
+        return (loss * float("nan") if calls["n"] > 6 else loss), pred, y          # the 7th training step fails
+
+    monkeypatch.setattr(train.Data2Vec, "forward", poisoned)
+    code, err = run([*TINY, f"--data={corpus}", "--max_iters=10", "--ckpt_interval=2", "--eval_interval=100",
+                     f"--out_dir={out}"], capsys)
+    assert code == 1 and "the loss is nan" in err and "last good checkpoint" in err
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+# ---- DDP ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(corpus, tmp_path):
+    """torchrun with 2 CPU processes (gloo), 1 micro-step each == 1 process with 2 micro-steps."""
+    args = [*TINY, f"--data={corpus}", "--max_iters=20", "--grad_accum=2", "--dropout=0", "--attn_dropout=0",
+            "--eval_interval=10"]
+    assert run([*args, f"--out_dir={tmp_path / 'one'}"])[0] == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train.py"), *args, f"--out_dir={tmp_path / 'two'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = history(tmp_path / "one"), history(tmp_path / "two")
+    assert len(one["loss"]) == len(two["loss"]) == 20
+    assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
+    assert one["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-4)
