@@ -68,6 +68,8 @@ class Config:
     vocab_size: int = 8192      # BPE types trained on the corpus when GPT-2's files are not cached
     tokenizer: str = "auto"     # auto (gpt2 if cached, else bpe) | gpt2 | bpe
     mask_prob: float = 0.15
+    # vision (VisionTask)
+    # speech (SpeechTask)
     # targets and loss (data2vec.TargetConfig)
     top_k: int = 3
     target_layer: str = "ffn"   # ffn | block | attn
@@ -112,6 +114,8 @@ PRESETS: dict[str, dict[str, dict]] = {
             warmup=0.05, hold=0.80, vocab_size=50_000, eval_interval=5000, ckpt_interval=5000, log_interval=100,
         ),
     },
+    # "vision": {...},
+    # "speech": {...},
 }
 
 # Fields that fix the model or the data; a resumed run must agree with its checkpoint on these.
