@@ -1,0 +1,124 @@
+"""Time the data2vec pretraining step and report throughput and model FLOPs utilisation (MFU).
+
+    python bench.py --modality=text --n_layer=4 --dim=256 --n_head=4 --ffn_dim=1024 --block_size=128 --batch_size=16
+    python bench.py --modality=text --preset=base --block_size=512 --batch_size=32 --dtype=bfloat16 --compile   # a GPU
+
+Settings are train.py's Config (same presets and --key=value overrides); --max_iters is the number of timed steps.
+A step is what train.py does per optimizer update: student forward + backward, teacher forward, optimizer, EMA.
+MFU = (matmul FLOPs of the step) / time / peak. The peak comes from a lookup by GPU name (dense bf16/fp16 tensor
+cores), or, on a CPU, from a large fp32 matmul measured in the same run.
+"""
+
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from data2vec import EMATeacher
+from train import TASKS, ConfigError, forward_backward, parse_args, setup_system
+
+# Dense bf16 tensor-core peak FLOP/s by device name (vendor data sheets; SXM parts unless named)
+GPU_PEAK = {
+    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12,
+    "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+}
+
+
+def gpu_peak(name: str) -> float | None:
+    for key, flops in GPU_PEAK.items():      # longer names first where they overlap ("H100 PCIe" before "H100")
+        if key in name:
+            return flops
+    return None
+
+
+def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of a large square matmul: the practical peak of this machine."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def step_flops(model, batch: dict, steps_per_sample: int) -> float:
+    """Matmul FLOPs of one step: the Transformer (student forward + backward = 3 x forward, teacher 1 x forward)
+    and the regression head on masked steps (forward + backward)."""
+    B = batch["mask"].shape[0]
+    n_masked = int(batch["mask"].sum())
+    transformer = 4 * B * steps_per_sample * model.student.flops_per_token(steps_per_sample)
+    head = 3 * n_masked * 2 * sum(p.numel() for n, p in model.head.named_parameters() if n.endswith("weight"))
+    return transformer + head
+
+
+def main(argv: list[str]) -> int:
+    try:
+        cfg = parse_args(["--max_iters=10", *argv])
+        _, _, device, dtype = setup_system(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    task = TASKS[cfg.modality](cfg, prepare=True)
+    torch.manual_seed(cfg.seed)
+    model = task.build_model().to(device)
+    teacher = EMATeacher(model.student, cfg.tau_0, cfg.tau_e, cfg.tau_n).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    run_model = torch.compile(model) if cfg.compile else model
+    batches = [[{k: v.to(device) for k, v in task.batch("train", torch.Generator().manual_seed(i * 100 + m)).items()}
+                for m in range(cfg.grad_accum)] for i in range(4)]
+
+    def step(i: int) -> None:
+        forward_backward(run_model, teacher, batches[i % len(batches)], 1, scaler, autocast)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        teacher.update(model.student, i)
+
+    for i in range(3):                       # warm-up (and compilation)
+        step(i)
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(cfg.max_iters):
+        step(i)
+    sync(device)
+    dt = (time.perf_counter() - t0) / cfg.max_iters
+
+    t0 = time.perf_counter()
+    for i in range(cfg.max_iters):
+        teacher.update(model.student, i)
+    sync(device)
+    dt_ema = (time.perf_counter() - t0) / cfg.max_iters
+
+    flops = sum(step_flops(model, b, task.steps_per_sample) for b in batches[0])
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak(name) or measured_matmul_peak(device, torch.bfloat16, n=8192)
+        peak_src = f"{name}, {'data sheet' if gpu_peak(name) else 'measured bf16 matmul'}"
+    else:
+        peak = measured_matmul_peak(device, torch.float32)
+        peak_src = f"measured fp32 2048^3 matmul on {torch.get_num_threads()} threads"
+    tokens = cfg.batch_size * cfg.grad_accum * task.steps_per_sample
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{cfg.modality}: {cfg.n_layer} layers x {cfg.dim}, {cfg.n_head} heads, {task.steps_per_sample} steps x "
+          f"batch {cfg.batch_size * cfg.grad_accum}, {n_params / 1e6:.1f}M params, {device}, {dtype}, "
+          f"compile={cfg.compile}")
+    print(f"step {dt * 1e3:.1f} ms | {tokens / dt:,.0f} tokens/s | {flops / dt / 1e12:.3f} TFLOP/s | "
+          f"peak {peak / 1e12:.3f} TFLOP/s ({peak_src}) | MFU {100 * flops / dt / peak:.1f} % | "
+          f"EMA {dt_ema * 1e3:.2f} ms = {100 * dt_ema / dt:.1f} % of the step")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
