@@ -122,8 +122,11 @@ class Data2Vec(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, teacher: EMATeacher, x: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """The teacher reads the unmasked features through the (shared) encoder tail. -> (B, T', C) fp32"""
-        h = self.encoder(x, padding_mask)
+        """The teacher reads the unmasked features through the (shared) encoder tail, in eval mode like the teacher
+        itself (SPEC §1.3): no dropout on its input. -> (B, T', C) fp32"""
+        training = self.encoder.training
+        h = self.encoder.eval()(x, padding_mask)
+        self.encoder.train(training)
         _, layers = teacher.model(h, padding_mask, target_layer=self.targets.target_layer)
         return build_targets(layers, self.targets, padding_mask)
 

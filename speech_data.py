@@ -12,6 +12,7 @@
     python speech_data.py LibriSpeech/dev-clean data/librispeech dev_clean   # manifests for a LibriSpeech split
 """
 
+import copy
 import io
 import json
 import math
@@ -34,13 +35,10 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from ctc import BLANK, encode_ltr, normalize_text, text_to_ltr
+from text_data import DataError  # one error class for bad user data: train.py and finetune.py catch it
 
 SAMPLE_RATE = 16000
 MIN_SAMPLES = 400  # receptive field of the base feature encoder (25 ms): a shorter clip gives no frame at all
-
-
-class DataError(Exception):
-    """Bad input data; the message names the file and says how to fix it."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,6 +196,19 @@ class SpeechData:
 
     def __len__(self) -> int:
         return len(self.waves)
+
+    def subset(self, minutes: float, generator: torch.Generator) -> "SpeechData":
+        """A random subset of the utterances holding at most `minutes` of audio (at least one utterance):
+        fine-tuning with a small labelled budget (the paper's 10 min / 1 h / 10 h splits)."""
+        order = torch.randperm(len(self), generator=generator)               # (N,)
+        total = self.lengths[order].cumsum(0)                                 # (N,) samples so far
+        ids = order[: max(1, int((total <= minutes * 60 * SAMPLE_RATE).sum()))].tolist()
+        part = copy.copy(self)
+        part.waves = [self.waves[i] for i in ids]
+        part.lengths = self.lengths[ids]
+        part.targets = [self.targets[i] for i in ids] if self.targets is not None else None
+        part.by_length = part.lengths.argsort()
+        return part
 
     def batch(self, batch_size: int, generator: torch.Generator) -> Batch:
         """A random batch of utterances of similar lengths, cropped at random to max_samples.

@@ -24,10 +24,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data2vec import Data2Vec, EMATeacher, TargetConfig, collapse_stat
-from encoders import TextEncoder
-from masking import bert_mask
+from encoders import ConvFeatureExtractor, PatchEncoder, SpeechEncoder, TextEncoder, conv_output_lengths
+from masking import bert_mask, block_mask, span_mask
+from speech_data import SpeechData, prepare_speech
 from text_data import DataError, TextPretrainData, prepare_text
 from transformer import TransformerConfig
+from vision_data import ImageData
 
 ROOT = Path(__file__).resolve().parent
 
@@ -67,9 +69,20 @@ class Config:
     block_size: int = 128       # tokens per sequence, <s> and </s> included
     vocab_size: int = 8192      # BPE types trained on the corpus when GPT-2's files are not cached
     tokenizer: str = "auto"     # auto (gpt2 if cached, else bpe) | gpt2 | bpe
-    mask_prob: float = 0.15
+    mask_prob: float = 0.15     # text: BERT's fraction of tokens; speech: span-start prob x mask_span (fairseq's 0.65)
     # vision (VisionTask)
+    img_size: int = 32          # images are resized to img_size^2 (the digits are 8x8, upsampled)
+    patch_size: int = 4         # img_size / patch_size patches per side (224 / 16 = 14, SPEC §2)
+    mask_ratio: float = 0.6     # BEiT block masking: this fraction of the patches (SPEC §2)
+    min_mask_patches: int = 0   # smallest masked block; 0 = BEiT's 16 at 14x14, scaled by the grid's area
     # speech (SpeechTask)
+    conv_dim: int = 512         # channels of the conv feature encoder
+    conv_layers: int = 7        # the first N of its 7 layers (7: 16 kHz -> 50 Hz frames)
+    pos_conv_layers: int = 5    # conv positional encoding: layers, kernel, groups (SPEC §2: 5 x k=19, 16 groups)
+    pos_conv_kernel: int = 19
+    pos_conv_groups: int = 16
+    max_samples: int = 320_000  # longer utterances are randomly cropped to this many samples (20 s at 16 kHz)
+    mask_span: int = 10         # frames per masked span; a frame starts one with p = mask_prob / mask_span
     # targets and loss (data2vec.TargetConfig)
     top_k: int = 3
     target_layer: str = "ffn"   # ffn | block | attn
@@ -100,6 +113,17 @@ class Config:
 
 
 # Paper-exact sizes and recipes (SPEC §2) plus a small CPU preset: the same recipe, scaled down.
+# v1 vision (BEiT's model and optimiser: AdamW betas (0.9, 0.999), eps 1e-8; no dropout, drop-path instead)
+VISION = dict(
+    pre_ln=True, layer_scale=1e-4, k_bias=False, ln_eps=1e-6, final_ln=True, dropout=0.0, attn_dropout=0.0,
+    target_layer="block", target_norm="layer", final_norm="layer", loss_beta=2.0, loss_scale=False,
+    tau_0=0.9998, tau_e=0.9998, tau_n=1, weight_decay=0.05, beta2=0.999, adam_eps=1e-8, schedule="cosine",
+)
+SPEECH = dict(
+    pre_ln=False, dropout=0.1, attn_dropout=0.1, layerdrop=0.05, target_layer="ffn", target_norm="instance",
+    final_norm="none", loss_beta=0.0, loss_scale=True, tau_0=0.999, tau_e=0.9999, lr=5e-4, weight_decay=0.01,
+    beta1=0.9, beta2=0.98, adam_eps=1e-6, schedule="tri", warmup=0.03, hold=0.90, mask_prob=0.65, mask_span=10,
+)
 PRESETS: dict[str, dict[str, dict]] = {
     "text": {
         "small": dict(),
@@ -114,13 +138,49 @@ PRESETS: dict[str, dict[str, dict]] = {
             warmup=0.05, hold=0.80, vocab_size=50_000, eval_interval=5000, ckpt_interval=5000, log_interval=100,
         ),
     },
-    # "vision": {...},
-    # "speech": {...},
+    # v1 vision recipe (SPEC §2): pre-LN with layer scale and no k bias, block outputs of the top half of the blocks,
+    # layer norm per layer and of the average, Smooth L1 beta 2, EMA tau constant, AdamW wd 0.05, cosine.
+    "vision": {
+        # 32x32 digits in 4x4 patches: an 8x8 grid, K = half the depth
+        "small": dict(VISION, n_layer=4, dim=128, n_head=4, ffn_dim=512, top_k=2, batch_size=64, max_iters=600,
+                      drop_path=0.1, lr=1e-3, warmup=0.05,
+                      # the base tau 0.9998 averages over ~5000 updates: in 600 the teacher would stay near its
+                      # random initialisation, so the small run uses a constant tau with a ~100-update horizon
+                      tau_0=0.99, tau_e=0.99, eval_interval=200, ckpt_interval=200, log_interval=50),
+        "base": dict(VISION, img_size=224, patch_size=16, n_layer=12, dim=768, n_head=12, ffn_dim=3072, top_k=6,
+                     # global batch 2048; 800 epochs of ImageNet-1k's 1.28M images at 2048 per update = 500k
+                     # updates, warmup 40 epochs = 5 %. lr 1e-3 is the paper's; data2vec_vision's command line used 2e-3
+                     batch_size=64, grad_accum=32, max_iters=500_000, warmup=0.05, lr=1e-3, drop_path=0.2,
+                     eval_interval=5000, ckpt_interval=5000, log_interval=100),
+        "large": dict(VISION, img_size=224, patch_size=16, n_layer=24, dim=1024, n_head=16, ffn_dim=4096, top_k=6,
+                      # the base recipe at ViT-L size; the paper pretrains ViT-L for 1600 epochs (1M updates)
+                      batch_size=32, grad_accum=64, max_iters=1_000_000, warmup=0.05, lr=1e-3, drop_path=0.2,
+                      eval_interval=5000, ckpt_interval=5000, log_interval=100),
+    },
+    # v1 speech recipe (SPEC §2): post-LN, FFN outputs of the top 2/3 of the blocks, instance norm per layer, no
+    # final norm, L2 loss x 1/sqrt(C), spans of 10 frames, layerdrop 0.05, Adam(0.9, 0.98), tri-stage 3/90/7 %.
+    "speech": {
+        # CPU in ~10 minutes: a narrow conv encoder (64 channels, still 7 layers: 50 Hz frames), 4 blocks of 256,
+        # K = 3 of 4 (the base 8 of 12), crops of 4 s; the teacher's horizon scaled to the 400 updates
+        "small": dict(SPEECH, n_layer=4, dim=256, n_head=4, ffn_dim=1024, top_k=3, conv_dim=64, max_samples=64_000,
+                      batch_size=8, max_iters=400, tau_0=0.99, tau_e=0.999, tau_n=400, eval_interval=100,
+                      eval_iters=4, log_interval=20, ckpt_interval=200),
+        # 400k updates of up to 63 min of audio (paper: 16 GPUs x 3.8M samples); here 288 crops of <= 20 s
+        # (LibriSpeech utterances average 12 s, so ~1 h per update)
+        "base": dict(SPEECH, n_layer=12, dim=768, n_head=12, ffn_dim=3072, top_k=8, conv_dim=512, batch_size=12,
+                     grad_accum=24, max_iters=400_000, tau_n=30_000, eval_interval=5000, ckpt_interval=5000,
+                     log_interval=100),
+        # the base recipe at the size of wav2vec 2.0 / data2vec large
+        "large": dict(SPEECH, n_layer=24, dim=1024, n_head=16, ffn_dim=4096, top_k=8, conv_dim=512, batch_size=6,
+                      grad_accum=48, max_iters=400_000, tau_n=30_000, eval_interval=5000, ckpt_interval=5000,
+                      log_interval=100),
+    },
 }
 
 # Fields that fix the model or the data; a resumed run must agree with its checkpoint on these.
 ARCH_FIELDS = [f.name for f in fields(TransformerConfig) if f.name != "rel_pos_grid"] + [
-    "modality", "data", "block_size", "vocab_size", "tokenizer", "seed"]
+    "modality", "data", "block_size", "vocab_size", "tokenizer", "seed", "img_size", "patch_size",
+    "conv_dim", "conv_layers", "pos_conv_layers", "pos_conv_kernel", "pos_conv_groups", "max_samples"]
 
 
 class ConfigError(Exception):
@@ -219,7 +279,91 @@ def text_data_dir(cfg: Config) -> Path:
     return source.parent / f"{source.stem}-data2vec"
 
 
-TASKS = {"text": TextTask}
+class VisionTask:
+    """Vision: patch embedding with a CLS token, BEiT block masking, BEiT's augmentations (SPEC §2). The data are the
+    bundled digits (data/digits), or --data=<folder> with one subfolder of images per class (labels unused here)."""
+
+    def __init__(self, cfg: Config, prepare: bool):
+        self.cfg = cfg
+        if cfg.img_size % cfg.patch_size:
+            raise ConfigError(f"--img_size={cfg.img_size} must be a multiple of --patch_size={cfg.patch_size}")
+        side = cfg.img_size // cfg.patch_size
+        self.grid = (side, side)
+        self.steps_per_sample = side * side                       # patches per image, for patches/s
+        if cfg.data:
+            self.data = ImageData.folder(Path(cfg.data), cfg.img_size)
+        else:
+            self.data = ImageData.digits(ROOT / "data" / "digits", cfg.img_size)   # prepared once, on first use
+
+    def build_model(self) -> Data2Vec:
+        cfg = self.cfg
+        encoder = PatchEncoder(self.data.in_chans, cfg.dim, cfg.patch_size)
+        transformer = sub_config(TransformerConfig, cfg)
+        transformer.rel_pos_grid = self.grid
+        return Data2Vec(encoder, transformer, sub_config(TargetConfig, cfg), head_hidden=False)
+
+    def batch(self, split: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Augmented training images, or plain held-out ones for the val loss; a fresh block mask either way."""
+        cfg = self.cfg
+        images, _ = self.data.batch("train" if split == "train" else "test", cfg.batch_size, generator,
+                                    augment=split == "train")                                    # (B, C, S, S)
+        mask = block_mask(len(images), self.grid, ratio=cfg.mask_ratio, min_patches=cfg.min_mask_patches or None,
+                          generator=generator)                                                   # (B, h*w)
+        return dict(source=images, mask=mask)
+
+
+class SpeechTask:
+    """Speech: raw 16 kHz waveforms, the wav2vec 2.0 conv feature encoder, span masking (SPEC §2). The data are the
+    espeak-ng corpus (data/speech, synthesised on first use), or --data=<manifest.tsv> in fairseq's layout; the
+    held-out loss reads valid.tsv beside it (else test.tsv, else the training manifest itself)."""
+
+    def __init__(self, cfg: Config, prepare: bool):
+        self.cfg = cfg
+        if not 1 <= cfg.conv_layers <= len(ConvFeatureExtractor.KERNELS):
+            raise ConfigError(f"--conv_layers={cfg.conv_layers}: the feature encoder has 1 to 7 layers")
+        if cfg.dim % cfg.pos_conv_groups:
+            raise ConfigError(f"--dim={cfg.dim} must be a multiple of --pos_conv_groups={cfg.pos_conv_groups}")
+        if cfg.data:
+            train_tsv = Path(cfg.data)
+        else:
+            train_tsv = ROOT / "data" / "speech" / "train.tsv"
+            if prepare:
+                prepare_speech(train_tsv.parent)
+        held_out = [p for p in (train_tsv.with_name("valid.tsv"), train_tsv.with_name("test.tsv")) if p.is_file()]
+        val_tsv = held_out[0] if held_out and held_out[0].resolve() != train_tsv.resolve() else train_tsv
+        self.data = {"train": SpeechData(train_tsv, cfg.max_samples), "val": SpeechData(val_tsv, cfg.max_samples)}
+        for tsv, data in ((train_tsv, self.data["train"]), (val_tsv, self.data["val"])):
+            if len(data) < cfg.batch_size:
+                raise DataError(f"{tsv}: {len(data)} utterances, fewer than --batch_size={cfg.batch_size}; "
+                                f"lower --batch_size or add audio")
+        fe = ConvFeatureExtractor
+        self.kernels, self.strides = fe.KERNELS[:cfg.conv_layers], fe.STRIDES[:cfg.conv_layers]
+        crops = self.data["train"].lengths.clamp(max=cfg.max_samples)                       # (N,)
+        # frames of the average cropped training utterance, for frames/s
+        self.steps_per_sample = round(conv_output_lengths(crops, self.kernels, self.strides).float().mean().item())
+
+    def build_model(self) -> Data2Vec:
+        return speech_model(self.cfg)
+
+    def batch(self, split: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Cropped, zero-padded waveforms with their sample-level padding and a span mask over the real frames."""
+        b = self.data[split].batch(self.cfg.batch_size, generator)
+        S = b.waves.shape[1]
+        padding_mask = torch.arange(S) >= b.lengths[:, None]                                # (B, S)
+        frames = conv_output_lengths(b.lengths, self.kernels, self.strides)                 # (B,)
+        T = int(conv_output_lengths(torch.tensor([S]), self.kernels, self.strides))
+        mask = span_mask(frames, T, prob=self.cfg.mask_prob, span=self.cfg.mask_span, generator=generator)  # (B, T)
+        return dict(source=b.waves, padding_mask=padding_mask, mask=mask)
+
+
+def speech_model(cfg: Config) -> Data2Vec:
+    """The speech student; it needs no data, so CTC fine-tuning (finetune.py) builds it without the corpus."""
+    encoder = SpeechEncoder(cfg.dim, cfg.conv_dim, cfg.conv_layers, cfg.pos_conv_layers, cfg.pos_conv_kernel,
+                            cfg.pos_conv_groups, cfg.dropout, cfg.ln_eps)
+    return Data2Vec(encoder, sub_config(TransformerConfig, cfg), sub_config(TargetConfig, cfg), head_hidden=False)
+
+
+TASKS = {"text": TextTask, "vision": VisionTask, "speech": SpeechTask}
 
 
 def batch_seed(seed: int, step: int, index: int) -> int:
@@ -419,7 +563,9 @@ def train(cfg: Config) -> Path:
     if cfg.compile:
         model = torch.compile(model)
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # layerdrop skips blocks, whose parameters then get no gradient in that step
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=cfg.layerdrop > 0)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
     def batch(split: str, step: int, index: int) -> dict[str, torch.Tensor]:

@@ -25,13 +25,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from text_data import DataError  # one error class for bad user data: train.py and finetune.py catch it
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
-
-class DataError(Exception):
-    """A problem with the user's data (missing, empty, wrongly laid out); the message names the fix."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,7 +254,7 @@ class ImageData:
         return cls(images, labels, names, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                    crop_scale=crop_scale, flip=flip, jitter=jitter)
 
-    def _view(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    def view(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """uint8 (B, C, h, w) -> normalised float (B, C, S, S); augmented when a generator is given."""
         x = x.float() / 255
         if generator is None:
@@ -274,7 +272,7 @@ class ImageData:
     def batch(self, split: str, batch_size: int, generator: torch.Generator, augment: bool) -> tuple[Tensor, Tensor]:
         """Images drawn uniformly with replacement. Returns (images (B, C, S, S) float, labels (B,) long)."""
         idx = torch.randint(len(self.labels[split]), (batch_size,), generator=generator)    # (B,)
-        return self._view(self.images[split][idx], generator if augment else None), self.labels[split][idx]
+        return self.view(self.images[split][idx], generator if augment else None), self.labels[split][idx]
 
     def iterate(
         self, split: str, batch_size: int, rank: int = 0, world_size: int = 1
@@ -282,8 +280,8 @@ class ImageData:
         """Every image of the split once, in order, without augmentation; rank r of W gets images r, r + W, ..."""
         idx = torch.arange(rank, len(self.labels[split]), world_size)
         for chunk in idx.split(batch_size):
-            yield self._view(self.images[split][chunk], None), self.labels[split][chunk]
+            yield self.view(self.images[split][chunk], None), self.labels[split][chunk]
 
     def all(self, split: str) -> tuple[Tensor, Tensor]:
         """The whole split as one un-augmented batch: (images (N, C, S, S), labels (N,))."""
-        return self._view(self.images[split], None), self.labels[split]
+        return self.view(self.images[split], None), self.labels[split]

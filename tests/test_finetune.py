@@ -1,0 +1,59 @@
+"""finetune.py on a tiny pretrained checkpoint: both modes run, report accuracy, and reject bad input clearly."""
+
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+import train
+from finetune import subset
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--block_size=32", "--batch_size=4",
+        "--vocab_size=320", "--top_k=2", "--eval_iters=2", "--log_interval=1", "--max_iters=3"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> tuple[Path, Path]:
+    """A 3-step checkpoint on two plays, and a two-class TSV task (which play a line comes from)."""
+    tmp = tmp_path_factory.mktemp("ft")
+    with tarfile.open(ROOT / "data" / "shakespeare.tar.xz") as tar:
+        plays = {n: tar.extractfile(f"shakespeare/{n}.txt").read().decode() for n in ("hamlet", "tempest")}
+    (tmp / "plays.txt").write_text("".join(plays.values()))
+    assert train.main([*TINY, f"--data={tmp / 'plays.txt'}", f"--out_dir={tmp / 'out'}"]) == 0
+    for split, lines in (("train", slice(100, 400)), ("test", slice(400, 500))):
+        rows = ["sentence\tlabel"]
+        for name, text in plays.items():
+            rows += [f"{line.strip()}\t{name}" for line in text.splitlines()[lines] if len(line.split()) > 3]
+        (tmp / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return tmp / "out" / "ckpt.pt", tmp
+
+
+@pytest.mark.parametrize("mode", ["probe", "finetune"])
+def test_modes_report_accuracy(pretrained, mode):
+    ckpt, tmp = pretrained
+    args = [f"--init_from={ckpt}", f"--mode={mode}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}",
+            "--max_len=32", "--epochs=1", "--probe_epochs=5"]
+    result = finetune.run(finetune.FinetuneConfig(**train.parse_overrides(finetune.FinetuneConfig, args)))
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["n_test"] > 50
+
+
+def test_bad_input(pretrained, tmp_path, capsys):
+    ckpt, tmp = pretrained
+    assert finetune.main([f"--init_from={tmp_path / 'none.pt'}"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert finetune.main([f"--init_from={ckpt}", f"--train={tmp / 'train.tsv'}"]) == 1
+    assert "both --train and --test" in capsys.readouterr().err
+    assert finetune.main([f"--init_from={ckpt}", "--modality=vision"]) == 1
+    assert "text checkpoint" in capsys.readouterr().err
+    assert finetune.main(["--init_from=random", "--mode=linear"]) == 1
+    assert "--mode=linear" in capsys.readouterr().err
+
+
+def test_label_subset_is_stratified():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    keep = subset(labels, 0.1, seed=0)
+    assert (labels[keep] == 0).sum() == 9 and (labels[keep] == 1).sum() == 1
+    assert torch.equal(keep, subset(labels, 0.1, seed=0))

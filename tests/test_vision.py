@@ -1,0 +1,123 @@
+"""Vision: patch embedding against a naive unfold, the CLS prefix and mask alignment through data2vec, layer-wise lr
+decay, a tiny pretraining + fine-tuning run, and bad --data folders."""
+
+import pytest
+import torch
+
+import finetune
+import train
+from data2vec import Data2Vec, EMATeacher, TargetConfig, build_targets
+from encoders import PatchEncoder
+from masking import block_mask
+from transformer import TransformerConfig
+
+TINY = ["--modality=vision", "--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--top_k=1", "--img_size=16",
+        "--patch_size=4", "--batch_size=8", "--eval_iters=1", "--log_interval=1", "--eval_interval=100"]
+
+
+def tiny_vision_model(grid=(4, 4), patch=4) -> Data2Vec:
+    cfg = TransformerConfig(n_layer=2, dim=16, n_head=2, ffn_dim=32, pre_ln=True, layer_scale=0.1, k_bias=False,
+                            final_ln=True, dropout=0.0, attn_dropout=0.0, rel_pos_grid=grid)
+    targets = TargetConfig(top_k=2, target_layer="block", target_norm="layer", final_norm="layer", loss_beta=2.0,
+                           loss_scale=False)
+    return Data2Vec(PatchEncoder(1, 16, patch), cfg, targets, head_hidden=False)
+
+
+def test_patch_embedding_matches_naive_unfold():
+    enc = PatchEncoder(in_chans=3, dim=8, patch_size=4)
+    images = torch.randn(2, 3, 12, 8)                                         # 3 x 2 patches
+    x, pad = enc.embed(images)
+    assert x.shape == (2, 6, 8) and pad is None
+    W, b = enc.projection.weight.flatten(1), enc.projection.bias              # (8, 3*4*4), (8,)
+    for i in range(3):
+        for j in range(2):
+            pixels = images[:, :, 4 * i:4 * i + 4, 4 * j:4 * j + 4].flatten(1)   # (2, 48)
+            assert torch.allclose(x[:, i * 2 + j], pixels @ W.T + b, atol=1e-5)  # row-major, as block_mask
+
+
+def test_cls_prefix_and_mask_embedding():
+    enc = PatchEncoder(in_chans=1, dim=8, patch_size=4)
+    x, _ = enc.embed(torch.randn(3, 1, 16, 16))                               # (3, 16, 8)
+    mask = block_mask(3, (4, 4), ratio=0.5, generator=torch.Generator().manual_seed(0))
+    xs = enc.apply_mask(x, mask)
+    assert torch.equal(xs[mask], enc.mask_token[0].expand(int(mask.sum()), -1))
+    assert torch.equal(xs[~mask], x[~mask])
+    h = enc(xs)
+    assert enc.n_prefix == 1 and h.shape == (3, 17, 8)
+    assert torch.equal(h[:, 0], enc.cls_token[0].expand(3, -1)) and torch.equal(h[:, 1:], xs)
+
+
+def test_targets_are_the_masked_patches_and_never_cls():
+    """Data2Vec pads the mask with a False CLS column: targets are the teacher's masked patch steps, in order."""
+    torch.manual_seed(0)
+    model = tiny_vision_model().eval()
+    teacher = EMATeacher(model.student, 0.99, 0.99, 1)
+    images = torch.randn(2, 1, 16, 16)
+    mask = block_mask(2, (4, 4), ratio=0.5, generator=torch.Generator().manual_seed(1))   # (2, 16)
+    loss, pred, y = model(images, mask, teacher)
+    assert pred.shape == y.shape == (int(mask.sum()), 16)
+
+    x, _ = model.encoder.embed(images)
+    _, layers = teacher.model(model.encoder(x), target_layer="block")        # clean input, CLS first
+    expected = build_targets(layers, model.targets)[:, 1:][mask]              # (N, 16) patch steps only
+    assert torch.allclose(y, expected, atol=1e-6)
+
+
+def test_block_mask_index_is_the_patch_position():
+    """Changing the pixels of patch (i, j) changes exactly embedding step i * w + j, the step block_mask names."""
+    enc = PatchEncoder(in_chans=1, dim=8, patch_size=4)
+    images = torch.randn(1, 1, 16, 16)
+    changed = images.clone()
+    changed[..., 8:12, 4:8] += 1                                              # patch (2, 1)
+    diff = (enc.embed(changed)[0] - enc.embed(images)[0]).abs().sum(-1)[0]    # (16,)
+    assert diff.nonzero().flatten().tolist() == [2 * 4 + 1]
+
+
+def test_base_preset_is_the_paper_model():
+    """ViT-B/16 at 224: 196 patches, a (2*14-1)^2 + 3 = 732-row shared bias, and HF's 85.7M parameters (SPEC §5)."""
+    cfg = train.parse_args(["--modality=vision", "--preset=base"])
+    assert (cfg.img_size // cfg.patch_size, cfg.top_k, cfg.loss_beta, cfg.tau_0, cfg.tau_e) == (14, 6, 2.0, 0.9998, 0.9998)
+    grid = (cfg.img_size // cfg.patch_size,) * 2
+    model = Data2Vec(PatchEncoder(3, cfg.dim, cfg.patch_size),
+                     TransformerConfig(**{**vars(train.sub_config(TransformerConfig, cfg)), "rel_pos_grid": grid}),
+                     train.sub_config(TargetConfig, cfg), head_hidden=False)
+    assert model.student.rel_pos.table.shape == (732, 12)
+    n = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("head."))
+    assert n == pytest.approx(85.7e6, rel=0.002)
+
+
+def test_layer_decay_groups():
+    model = tiny_vision_model()
+    clf = finetune.Classifier(model.encoder, model.student, torch.nn.Linear(16, 10), "mean")
+    fc = finetune.FinetuneConfig(lr=1.0, layer_decay=0.5)
+    lr_of = {id(p): g["lr"] for g in finetune.layer_groups(clf, fc) for p in g["params"]}
+    assert lr_of[id(clf.encoder.cls_token)] == 0.125                          # decay^(L + 1), L = 2
+    assert lr_of[id(clf.transformer.blocks[0].fc1.weight)] == 0.25
+    assert lr_of[id(clf.transformer.blocks[1].fc1.weight)] == 0.5
+    assert lr_of[id(clf.head.weight)] == lr_of[id(clf.transformer.rel_pos.table)] == 1.0
+    assert len(finetune.layer_groups(clf, finetune.FinetuneConfig(layer_decay=1.0))) == 1
+
+
+def test_tiny_pretraining_then_probe_and_finetune(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--max_iters=3", f"--out_dir={out}"]) == 0
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["config"]["modality"] == "vision"
+    assert "encoder.cls_token" in ckpt["model"] and "encoder.projection.weight" in ckpt["model"]
+    for mode in ("probe", "finetune"):
+        args = ["--modality=vision", f"--init_from={out / 'ckpt.pt'}", f"--mode={mode}", "--epochs=1",
+                "--probe_epochs=2", "--label_fraction=0.1"]
+        assert finetune.main(args) == 0
+        assert "test accuracy" in capsys.readouterr().out
+
+
+def test_bad_image_folders(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    (tmp_path / "classes" / "cat" / "notes.txt").write_text("no images here")
+    for folder, message in [("empty", "no class subfolders"), ("classes", "no readable images"),
+                            ("missing", "does not exist")]:
+        code = train.main([*TINY, f"--data={tmp_path / folder}", f"--out_dir={tmp_path / 'o'}"])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
