@@ -95,7 +95,7 @@ class Config:
     tau_e: float = 0.999
     tau_n: int = 600
     # optimiser: Adam(W), warmup then hold then decay (tri) or cosine
-    lr: float = 1e-3
+    lr: float = 5e-4
     min_lr: float = 0.0
     weight_decay: float = 0.01
     beta1: float = 0.9
