@@ -419,7 +419,12 @@ def setup_system(cfg: Config) -> tuple[int, int, torch.device, torch.dtype]:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ConfigError(f"--dtype={cfg.dtype}: use auto, float32, bfloat16 or float16")
     if cfg.grad_accum % world:
-        raise ConfigError(f"--grad_accum={cfg.grad_accum} must be a multiple of the {world} processes")
+        # every process does the same number of micro-steps: round the global count up, and say so
+        accum = -(-cfg.grad_accum // world) * world
+        if rank == 0:
+            print(f"--grad_accum={cfg.grad_accum} raised to {accum}, a multiple of the {world} processes "
+                  f"(global batch {cfg.batch_size * accum})")
+        cfg.grad_accum = accum
     return rank, world, device, dtype
 
 
