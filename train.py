@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent
 @dataclass
 class Config:
     # what and where
-    modality: str = "text"      # text (vision and speech come from the same recipe)
+    modality: str = "text"      # text | vision | speech
     preset: str = "small"       # small: CPU in minutes; base / large: the paper's sizes (SPEC §2)
     data: str = ""              # '' = the embedded default corpus; else your .txt file or folder
     out_dir: str = ""           # '' = out-<modality>
