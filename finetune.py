@@ -23,7 +23,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -96,22 +95,24 @@ def roberta_head(dim: int, n_classes: int, dropout: float) -> nn.Module:
                          nn.Linear(dim, n_classes))
 
 
-def pretrained_config(fc: FinetuneConfig) -> Config:
-    """The pretraining config of --init_from (or of the preset, for random weights): architecture and data."""
+def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
+    """The pretraining config (architecture and data) and student weights of --init_from, read once; for random
+    weights, the preset's config and None."""
     if fc.init_from == "random":
-        return Config(**{**PRESETS[fc.modality][fc.preset], "modality": fc.modality})
-    cfg = Config(**load_checkpoint(Path(fc.init_from))["config"])
+        return Config(**{**PRESETS[fc.modality][fc.preset], "modality": fc.modality}), None
+    ckpt = load_checkpoint(Path(fc.init_from))
+    cfg = Config(**ckpt["config"])
     if cfg.modality != fc.modality:
         raise CheckpointError(f"{fc.init_from} is a {cfg.modality} checkpoint; pass --modality={cfg.modality}")
-    return cfg
+    return cfg, ckpt["model"]
 
 
-def load_student(fc: FinetuneConfig, cfg: Config, task) -> nn.Module:
-    """The pretrained student (encoder + Transformer), or the same architecture with random weights."""
+def init_student(fc: FinetuneConfig, build, state: dict | None) -> nn.Module:
+    """build() the student (encoder + Transformer) and load the pretrained weights, or keep its random ones."""
     torch.manual_seed(fc.seed)
-    model = task.build_model()
-    if fc.init_from != "random":
-        load_state(model, load_checkpoint(Path(fc.init_from))["model"], "student", Path(fc.init_from))
+    model = build()
+    if state is not None:
+        load_state(model, state, "student", Path(fc.init_from))
     return model
 
 
@@ -151,20 +152,22 @@ def run(fc: FinetuneConfig) -> dict:
         raise ConfigError(f"--mode={fc.mode}: use finetune or probe")
     if fc.modality not in RUNNERS:
         raise ConfigError(f"unknown modality {fc.modality!r}: choose one of {', '.join(RUNNERS)}")
-    cfg = pretrained_config(fc)
+    cfg, state = pretrained(fc)
     _, _, device, dtype = setup_system(Config(device=fc.device, dtype=fc.dtype))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     t0 = time.time()
-    result = RUNNERS[fc.modality](fc, cfg, device, autocast)
+    result = RUNNERS[fc.modality](fc, cfg, state, device, autocast)
     result.update(modality=fc.modality, mode=fc.mode, init_from=fc.init_from, seconds=time.time() - t0)
     return result
 
 
-def run_text(fc: FinetuneConfig, cfg: Config, device: torch.device, autocast) -> dict:
+def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device, autocast) -> dict:
     """Passage classification: default genre task, or --train / --test TSV files."""
     task = TASKS["text"](cfg, prepare=True)
     meta, enc = task.data.meta, task.data.enc
     tr_text, tr_label, te_text, te_label = load_task(fc, task.data_dir)
+    if cfg.block_size < fc.max_len:
+        raise ConfigError(f"--max_len={fc.max_len} exceeds the encoder's {cfg.block_size} positions")
     classes = sorted(set(tr_label))
     unknown = sorted(set(te_label) - set(classes))
     if unknown:
@@ -175,15 +178,13 @@ def run_text(fc: FinetuneConfig, cfg: Config, device: torch.device, autocast) ->
     x_test = encode_texts(enc, te_text, fc.max_len, meta)
     keep = subset(y_train, fc.label_fraction, fc.seed)
     x_train, y_train = x_train[keep], y_train[keep]
-    if cfg.block_size < fc.max_len:
-        raise ConfigError(f"--max_len={fc.max_len} exceeds the encoder's {cfg.block_size} positions")
-    student = load_student(fc, cfg, task)
+    student = init_student(fc, task.build_model, state)
     model = Classifier(student.encoder, student.student, roberta_head(cfg.dim, len(classes), fc.dropout), "first")
     return fit_and_test(model.to(device), fc, (x_train, y_train), (x_test, y_test), autocast,
                         view=lambda x, g: x.to(device), classes=classes)
 
 
-def run_vision(fc: FinetuneConfig, cfg: Config, device: torch.device, autocast) -> dict:
+def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device, autocast) -> dict:
     """Image classification on the held-out split of the pretraining images (digits, or train.py's --data folder)."""
     if fc.train or fc.test:
         raise ConfigError("--train / --test are text TSV files; vision uses the labelled folders of train.py's --data")
@@ -191,7 +192,7 @@ def run_vision(fc: FinetuneConfig, cfg: Config, device: torch.device, autocast) 
     data = task.data
     keep = subset(data.labels["train"], fc.label_fraction, fc.seed)
     x_train, y_train = data.images["train"][keep], data.labels["train"][keep]     # (N, C, h, w) uint8, (N,)
-    student = load_student(fc, cfg, task)
+    student = init_student(fc, task.build_model, state)
     head = nn.Sequential(nn.LayerNorm(cfg.dim, eps=cfg.ln_eps), nn.Linear(cfg.dim, data.num_classes))
     model = Classifier(student.encoder, student.student, head, "mean")
     # fine-tuning sees augmented training images (the generator given); the probe and the test, plain ones
@@ -307,8 +308,7 @@ class CTCModel(nn.Module):
 
 def speech_batch(b: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """A speech_data.Batch's waveforms (B, S) and sample-level padding mask (B, S), on device."""
-    padding_mask = torch.arange(b.waves.shape[1]) >= b.lengths[:, None]   # (B, S)
-    return b.waves.to(device), padding_mask.to(device)
+    return b.waves.to(device), b.padding_mask().to(device)
 
 
 @torch.no_grad()
@@ -326,7 +326,7 @@ def transcribe(model: CTCModel, data: SpeechData, batch_size: int, device: torch
     return cer(refs, hyps), wer(refs, hyps)
 
 
-def run_speech(fc: FinetuneConfig, cfg: Config, device: torch.device, autocast) -> dict:
+def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device, autocast) -> dict:
     """CTC speech recognition (SPEC §3): default espeak-ng corpus (test voices never heard in training), or
     --train / --test manifests with `.ltr` transcripts. --budget_minutes limits the labelled training audio."""
     if fc.mode != "finetune":
@@ -340,8 +340,7 @@ def run_speech(fc: FinetuneConfig, cfg: Config, device: torch.device, autocast) 
     test_set = SpeechData(Path(fc.test) if fc.test else corpus / "test.tsv", fc.max_samples, targets=True)
     if fc.budget_minutes > 0:
         train_set = train_set.subset(fc.budget_minutes, torch.Generator().manual_seed(fc.seed))
-    # load_student takes a task for its build_model(); the speech model needs no pretraining data to be built
-    student = load_student(fc, cfg, SimpleNamespace(build_model=lambda: speech_model(cfg)))
+    student = init_student(fc, lambda: speech_model(cfg), state)   # needs no pretraining data to be built
     model = CTCModel(student.encoder, student.student, len(VOCAB)).to(device)
     minutes = train_set.lengths.sum().item() / SAMPLE_RATE / 60
     steps = fc.epochs * math.ceil(len(train_set) / fc.batch_size)

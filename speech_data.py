@@ -171,6 +171,10 @@ class Batch(NamedTuple):
     targets: Tensor | None              # (B, U) long letter ids (ctc.py), padded with the blank id
     target_lengths: Tensor | None       # (B,) long
 
+    def padding_mask(self) -> Tensor:
+        """(B, S) bool, True at the zero-padded samples."""
+        return torch.arange(self.waves.shape[1]) >= self.lengths[:, None]
+
 
 class SpeechData:
     """A manifest's utterances, normalised and held in memory (float32: 230 MB per hour of audio).

@@ -349,7 +349,7 @@ class SpeechTask:
         """Cropped, zero-padded waveforms with their sample-level padding and a span mask over the real frames."""
         b = self.data[split].batch(self.cfg.batch_size, generator)
         S = b.waves.shape[1]
-        padding_mask = torch.arange(S) >= b.lengths[:, None]                                # (B, S)
+        padding_mask = b.padding_mask()                                                     # (B, S)
         frames = conv_output_lengths(b.lengths, self.kernels, self.strides)                 # (B,)
         T = int(conv_output_lengths(torch.tensor([S]), self.kernels, self.strides))
         mask = span_mask(frames, T, prob=self.cfg.mask_prob, span=self.cfg.mask_span, generator=generator)  # (B, T)
