@@ -6,6 +6,7 @@ step and micro-batch). Convention everywhere: mask (B, T) bool, True = masked (t
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -158,3 +159,41 @@ def span_mask(
     count = starts.long().cumsum(1)                                           # (B, T)
     before = torch.cat([count.new_zeros(B, span), count], 1)[:, :T]           # (B, T) count at t - span
     return (count > before) & (steps < lengths[:, None])
+
+
+def inverse_block_mask(
+    batch: int,
+    grid: tuple[int, int],
+    *,
+    ratio: float = 0.8,
+    block: int = 3,
+    adjust: float = 0.07,
+    generator: torch.Generator,
+) -> Tensor:
+    """data2vec 2.0's inverse block masking (SPEC §4, image; fairseq's `compute_block_mask_2d` with inverse_mask):
+    choose square blocks of patches to KEEP and mask everything else, so the student sees a few visible islands.
+
+    int(h * w * (1 - ratio + adjust) / block**2) block centres are drawn uniformly, with replacement, per sample;
+    each keeps the block x block window that starts block // 2 patches above and left of its centre (centred for
+    odd blocks), clipped at the grid's border. `adjust` (fairseq's mask_prob_adjust, 0.07) adds centres to make
+    up for overlaps. Then every row is brought to exactly h * w - round(ratio * h * w) kept patches, as fairseq's
+    require_same_masks does: uniformly chosen kept patches are dropped, or uniformly chosen others added. At 14x14
+    and ratio 0.8: 5 blocks, 39 kept, 157 masked (fairseq floors the kept count, int(L * (1 - ratio)), which
+    differs from ours by one patch on some grids). Returns (B, h * w) bool, row-major, True = masked.
+    """
+    h, w = grid
+    L = h * w
+    n_keep = L - round(ratio * L)
+    n_blocks = int(L * (1 - ratio + adjust) / block**2)
+    centres = torch.zeros(batch, 1, h, w)                                     # (B, 1, h, w)
+    idx = torch.randint(L, (batch, n_blocks), generator=generator)            # (B, n_blocks), with replacement
+    centres.view(batch, L).scatter_(1, idx, 1.0)
+    # patch p is kept when a centre lies in [p - (block - 1 - block // 2), p + block // 2] along both axes:
+    # a max-pool over the centres, padded so that windows are clipped at the border
+    before, after = block - 1 - block // 2, block // 2
+    covered = F.max_pool2d(F.pad(centres, (before, after, before, after)), block, stride=1)  # (B, 1, h, w)
+    covered = covered.view(batch, L) > 0                                      # (B, L)
+    # exactly n_keep per row: covered patches first, in random order, then the others, in random order
+    priority = covered.float() + torch.rand(batch, L, generator=generator)   # (B, L) covered in [1, 2), others [0, 1)
+    rank = priority.argsort(1, descending=True).argsort(1)                    # (B, L) 0 = highest priority
+    return rank >= n_keep
