@@ -27,6 +27,8 @@ class TargetConfig:
     final_norm: str = "none"        # norm of the K-layer average: same choices
     loss_beta: float = 0.0          # 0: squared error; > 0: Smooth L1 with this beta
     loss_scale: bool = True         # scale the per-step loss by 1/sqrt(C)
+    teacher_context: int = 0        # 0: the teacher attends over the whole input; w > 0: a window of w steps (w x w
+                                    # patches) centred on each step, radius w // 2 (1: each step sees only itself)
 
 
 def ema_tau(step: int, tau_0: float, tau_e: float, tau_n: int) -> float:
@@ -68,6 +70,23 @@ class EMATeacher:
     def to(self, device: torch.device | str) -> "EMATeacher":
         self.model.to(device)
         return self
+
+
+def local_window(n: int, radius: int, grid: tuple[int, int] | None = None, prefix: int = 0) -> Tensor:
+    """Which keys each query may attend to when attention is restricted to a local window (the paper's ablation of
+    contextualised targets, §5): those at most radius steps away. Steps are a sequence of n (text, speech) or an
+    h x w patch grid in row-major order (vision), where the window is a square; prefix tokens (CLS) see only themselves,
+    so no information travels around the window through them. Returns (prefix + n, prefix + n) bool, True = attend.
+    """
+    if grid is not None:
+        assert grid[0] * grid[1] == n, f"grid {grid} does not hold {n} steps"
+        coords = torch.stack(torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")).flatten(1)
+    else:
+        coords = torch.arange(n).unsqueeze(0)                                       # (1, n)
+    dist = (coords[:, :, None] - coords[:, None, :]).abs().amax(0)                  # (n, n) Chebyshev distance
+    allowed = torch.eye(prefix + n, dtype=torch.bool)
+    allowed[prefix:, prefix:] = dist <= radius
+    return allowed
 
 
 def normalize(y: Tensor, kind: str, padding_mask: Tensor | None = None, eps: float = 1e-5) -> Tensor:
@@ -125,9 +144,14 @@ class Data2Vec(nn.Module):
         """The teacher reads the unmasked features through the (shared) encoder tail, in eval mode like the teacher
         itself (SPEC §1.3): no dropout on its input. -> (B, T', C) fp32"""
         training = self.encoder.training
-        h = self.encoder.eval()(x, padding_mask)
+        h = self.encoder.eval()(x, padding_mask)                                # (B, T', C)
         self.encoder.train(training)
-        _, layers = teacher.model(h, padding_mask, target_layer=self.targets.target_layer)
+        allowed = None
+        if self.targets.teacher_context > 0:
+            prefix = self.encoder.n_prefix
+            allowed = local_window(h.shape[1] - prefix, self.targets.teacher_context // 2, teacher.model.cfg.rel_pos_grid,
+                                   prefix).to(h.device)                         # (T', T')
+        _, layers = teacher.model(h, padding_mask, self.targets.target_layer, allowed)
         return build_targets(layers, self.targets, padding_mask)
 
     def forward(

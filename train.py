@@ -65,6 +65,7 @@ class Config:
     k_bias: bool = True
     ln_eps: float = 1e-5
     final_ln: bool = False
+    rel_pos_per_layer: bool = False  # vision: a relative position bias table per block instead of one shared
     # text
     block_size: int = 128       # tokens per sequence, <s> and </s> included
     vocab_size: int = 8192      # BPE types trained on the corpus when GPT-2's files are not cached
@@ -90,6 +91,7 @@ class Config:
     final_norm: str = "none"    # of the K-layer average: layer | instance | none
     loss_beta: float = 4.0      # 0 = squared error, > 0 = Smooth L1 with this beta
     loss_scale: bool = False    # scale the loss by 1/sqrt(C)
+    teacher_context: int = 0    # 0 = the teacher sees the whole input; w > 0 = each step a window of w steps around it
     # EMA teacher: tau from tau_0 to tau_e over tau_n updates
     tau_0: float = 0.99
     tau_e: float = 0.999
@@ -456,7 +458,9 @@ def load_checkpoint(path: Path) -> dict:
 
 def check_compatible(ckpt: dict, cfg: Config, path: Path) -> None:
     saved = ckpt.get("config", {})
-    diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in ARCH_FIELDS if saved.get(k) != getattr(cfg, k)]
+    defaults = {f.name: f.default for f in fields(Config)}        # a field added since the checkpoint: its default
+    saved = {k: saved.get(k, defaults[k]) for k in ARCH_FIELDS}
+    diff = [f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in ARCH_FIELDS if saved[k] != getattr(cfg, k)]
     if diff:
         raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}. Resume with the same "
                               f"settings, or start a new run in another --out_dir")

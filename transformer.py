@@ -33,6 +33,7 @@ class TransformerConfig:
     ln_eps: float = 1e-5
     final_ln: bool = False        # LayerNorm after the last block (pre-LN models need one)
     rel_pos_grid: tuple[int, int] | None = None  # (h, w) patch grid: BEiT's shared relative position bias
+    rel_pos_per_layer: bool = False  # with rel_pos_grid: one bias table per block instead (BEiT's fine-tuned models)
 
 
 class Attention(nn.Module):
@@ -82,11 +83,15 @@ class Block(nn.Module):
             self.gamma2 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale))
         else:
             self.gamma1 = self.gamma2 = None
+        per_layer = cfg.rel_pos_grid is not None and cfg.rel_pos_per_layer
+        self.rel_pos = RelativePositionBias(cfg.rel_pos_grid, cfg.n_head) if per_layer else None
 
     def ffn(self, x: Tensor) -> Tensor:
         return self.fc2(self.act_drop(F.gelu(self.fc1(x))))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, target_layer: str | None = None) -> tuple[Tensor, Tensor | None]:
+        if self.rel_pos is not None:
+            attn_mask = add_bias(attn_mask, self.rel_pos().unsqueeze(0).to(x.dtype))    # (B or 1, H, T, T)
         if self.pre_ln:
             a = self.attn(self.ln1(x), attn_mask)
             x = x + drop_path(self._scale(self.drop(a), self.gamma1), self.drop_path, self.training)
@@ -123,8 +128,18 @@ def relative_position_index(h: int, w: int) -> Tensor:
     return index
 
 
+def add_bias(mask: Tensor | None, bias: Tensor) -> Tensor:
+    """An SDPA mask (None; bool, True = attend; or additive float) plus an additive bias (1, H, T, T)."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return bias.masked_fill(~mask, float("-inf"))
+    return bias + mask
+
+
 class RelativePositionBias(nn.Module):
-    """One learned bias per (head, relative offset), shared by all blocks (BEiT, data2vec vision)."""
+    """One learned bias per (head, relative offset), shared by all blocks (BEiT, data2vec vision), or one per block
+    (rel_pos_per_layer: BEiT's and data2vec's fine-tuned image classifiers)."""
 
     def __init__(self, grid: tuple[int, int], n_head: int):
         super().__init__()
@@ -142,7 +157,8 @@ class Transformer(nn.Module):
         self.cfg = cfg
         rates = torch.linspace(0, cfg.drop_path, cfg.n_layer).tolist()
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
-        self.rel_pos = RelativePositionBias(cfg.rel_pos_grid, cfg.n_head) if cfg.rel_pos_grid else None
+        shared = cfg.rel_pos_grid is not None and not cfg.rel_pos_per_layer
+        self.rel_pos = RelativePositionBias(cfg.rel_pos_grid, cfg.n_head) if shared else None
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps) if cfg.final_ln else None
         self.apply(self._init)
 
@@ -154,25 +170,35 @@ class Transformer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def attn_mask(self, x: Tensor, padding_mask: Tensor | None) -> Tensor | None:
-        """Combine the key-padding mask and the relative position bias into one SDPA mask."""
+    def attn_mask(self, x: Tensor, padding_mask: Tensor | None, allowed: Tensor | None = None) -> Tensor | None:
+        """Combine the key-padding mask, an optional (T, T) mask of allowed query-key pairs and the relative
+        position bias into one SDPA mask (bool: True = attend, or additive float)."""
         bias = self.rel_pos().unsqueeze(0).to(x.dtype) if self.rel_pos is not None else None   # (1, H, T, T)
-        if padding_mask is None:
-            return bias
-        keep = ~padding_mask[:, None, None, :]                                                  # (B, 1, 1, T)
-        if bias is None:
-            return keep
+        keep = None
+        if padding_mask is not None:
+            keep = ~padding_mask[:, None, None, :]                                              # (B, 1, 1, T)
+        if allowed is not None:
+            keep = allowed if keep is None else keep & allowed
+            # every query keeps its own key, so no row is fully masked (a padded query would give NaN)
+            keep = keep | torch.eye(x.shape[1], dtype=torch.bool, device=x.device)             # (B, 1, T, T) or (T, T)
+        if keep is None or bias is None:
+            return bias if keep is None else keep
         return bias.masked_fill(~keep, float("-inf"))                                           # (B, H, T, T)
 
     def forward(
-        self, x: Tensor, padding_mask: Tensor | None = None, target_layer: str | None = None
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        target_layer: str | None = None,
+        allowed: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
-        """x: (B, T, C), padding_mask: (B, T) bool, True = padding.
+        """x: (B, T, C), padding_mask: (B, T) bool, True = padding; allowed: (T, T) bool, True where query i may
+        attend to key j (data2vec.local_window: a teacher restricted to a local context), None = everywhere.
 
         Returns the final output (B, T, C) and, when target_layer is given, the list of each block's target
         tensor (B, T, C), bottom block first. Layerdrop skips blocks only in training (never in the teacher).
         """
-        mask = self.attn_mask(x, padding_mask)
+        mask = self.attn_mask(x, padding_mask, allowed)
         targets = []
         for block in self.blocks:
             if self.training and self.cfg.layerdrop > 0 and torch.rand(()) < self.cfg.layerdrop:

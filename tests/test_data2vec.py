@@ -3,7 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from data2vec import Data2Vec, EMATeacher, TargetConfig, build_targets, collapse_stat, ema_tau, normalize
+from data2vec import (
+    Data2Vec, EMATeacher, TargetConfig, build_targets, collapse_stat, ema_tau, local_window, normalize,
+)
 from encoders import TextEncoder
 from transformer import Transformer, TransformerConfig
 
@@ -159,3 +161,31 @@ def test_collapse_stat_matches_std():
     y = torch.randn(1000, 8) * torch.arange(1, 9)
     assert abs(collapse_stat(y) - torch.sqrt(y.var(0) + 1e-6).mean().item()) < 1e-4
     assert collapse_stat(torch.ones(100, 8)) < 0.01
+
+
+def test_local_window_sequence_and_grid():
+    band = local_window(5, 1)
+    i, j = torch.meshgrid(torch.arange(5), torch.arange(5), indexing="ij")
+    assert torch.equal(band, (i - j).abs() <= 1)
+    # a 3 x 3 grid behind one CLS token: the centre patch sees all nine, a corner its 2 x 2 square; CLS only itself
+    grid = local_window(9, 1, grid=(3, 3), prefix=1)
+    assert grid.shape == (10, 10)
+    assert grid[1 + 4, 1:].all() and grid[1 + 0, 1:].sum() == 4
+    assert grid[0].sum() == 1 and grid[1:, 0].sum() == 0
+
+
+def test_teacher_context_limits_what_a_target_depends_on():
+    # one teacher block, a window of 3 steps: the target at step 0 cannot depend on step 5; with full context it does
+    b = tiny_batch()
+    changed = b["source"].clone()
+    changed[:, 5] = 7
+    for context, depends in [(3, False), (0, True)]:
+        model, teacher = tiny_model(top_k=1, teacher_context=context)
+        teacher.model.blocks = teacher.model.blocks[:1]
+        x, pad = model.encoder.embed(b["source"])
+        y = model.teacher_targets(teacher, x, pad)                           # (B, T, C)
+        x2, _ = model.encoder.embed(changed)
+        y2 = model.teacher_targets(teacher, x2, pad)
+        assert torch.isfinite(y).all()                                       # padded rows too
+        assert torch.allclose(y[:, 0], y2[:, 0]) != depends
+        assert not torch.allclose(y[:, 4], y2[:, 4])                         # a neighbour of step 5 sees it
