@@ -127,9 +127,9 @@ class ConvFeatureExtractor(nn.Module):
 class FeatureProjection(nn.Module):
     """LayerNorm(channels) -> Linear(channels, dim): conv features to the Transformer's width."""
 
-    def __init__(self, channels: int, dim: int):
+    def __init__(self, channels: int, dim: int, ln_eps: float = 1e-5):
         super().__init__()
-        self.layer_norm = nn.LayerNorm(channels)
+        self.layer_norm = nn.LayerNorm(channels, eps=ln_eps)
         self.projection = nn.Linear(channels, dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -184,7 +184,7 @@ class SpeechEncoder(nn.Module):
                  pos_groups: int = 16, dropout: float = 0.1, ln_eps: float = 1e-5):
         super().__init__()
         self.feature_extractor = ConvFeatureExtractor(channels, depth)
-        self.feature_projection = FeatureProjection(channels, dim)
+        self.feature_projection = FeatureProjection(channels, dim, ln_eps)
         # fairseq and HF: uniform [0, 1) initialisation
         self.masked_spec_embed = nn.Parameter(torch.rand(dim))
         self.pos_conv_embed = PosConv(dim, pos_layers, pos_kernel, pos_groups)

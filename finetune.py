@@ -7,6 +7,10 @@
 
     python finetune.py --modality=vision --init_from=out-vision/ckpt.pt --label_fraction=0.1    # 10 % of the labels
     python finetune.py --modality=speech --init_from=out-speech/ckpt.pt --budget_minutes=10     # 10 min of labels
+    python finetune.py --modality=speech --init_from=facebook/data2vec-audio-base --save=out-ctc/ctc.pt  # official
+
+--init_from also takes an official checkpoint (a Hugging Face save_pretrained folder, or a hub name when online):
+hf.py converts it into the same modules, so it fine-tunes exactly like one of ours (text: with its own tokenizer).
 
 Text: sentence/passage classification, RoBERTa's head on the first token (SPEC §3). The default task is the genre
 (comedy / history / tragedy) of 100-word Shakespeare passages, split by play. GLUE tasks ship as TSV
@@ -21,31 +25,35 @@ Shakespeare corpus, tested on voices never heard in training; --train / --test r
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hf
 from ctc import BLANK, VOCAB, cer, greedy_decode, ids_to_text, wer
+from data2vec import Data2Vec
 from masking import span_mask
 from speech_data import SAMPLE_RATE, Batch, SpeechData, prepare_speech
-from text_data import DataError, encode_texts, read_tsv
+from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ROOT, TASKS, Config, CheckpointError, ConfigError, PRESETS, load_checkpoint, load_state, lr_at,
-                   parse_overrides, setup_system, speech_model)
+                   parse_overrides, save_checkpoint, setup_system, speech_model, text_data_dir)
 from transformer import Transformer
 
 
 @dataclass
 class FinetuneConfig:
     modality: str = "text"
-    init_from: str = ""         # a train.py checkpoint (out-text/ckpt.pt) or "random"
+    init_from: str = ""         # a train.py checkpoint (out-text/ckpt.pt), "random", or an official one (hf.py):
+                                # a save_pretrained folder or a hub name (facebook/data2vec-audio-base)
     preset: str = "small"       # with --init_from=random: the architecture to build
     mode: str = "finetune"      # finetune (all weights) | probe (frozen encoder, linear classifier)
     train: str = ""             # '' = the default task; else a TSV file `sentence<TAB>label`
     test: str = ""
     label_fraction: float = 1.0  # train on this fraction of the labelled examples (per class)
+    data: str = ""              # vision: an image folder (root/<class>/...); '' = the checkpoint's pretraining data
     max_len: int = 128
     epochs: int = 3
     batch_size: int = 32
@@ -61,6 +69,7 @@ class FinetuneConfig:
     budget_minutes: float = 0.0  # train on a random subset of this many minutes of labelled audio; 0 = all of it
     max_samples: int = 320_000  # longer labelled utterances are left out (20 s at 16 kHz)
     mask_prob: float = 0.65     # span masking while fine-tuning (fairseq: 0.65, spans of the pretraining length)
+    save: str = ""              # speech: write the fine-tuned CTC model here (transcribe.py reads it); '' = don't
     log_interval: int = 50
     device: str = "auto"
     dtype: str = "auto"
@@ -96,24 +105,36 @@ def roberta_head(dim: int, n_classes: int, dropout: float) -> nn.Module:
 
 
 def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
-    """The pretraining config (architecture and data) and student weights of --init_from, read once; for random
-    weights, the preset's config and None."""
+    """The pretraining config (architecture and data) and weights of --init_from, read once: `encoder.*` and
+    `transformer.*` (plus an official checkpoint's task head, `lm_head.*` or `head.*`); for random weights, the
+    preset's config and None."""
     if fc.init_from == "random":
         return Config(**{**PRESETS[fc.modality][fc.preset], "modality": fc.modality}), None
-    ckpt = load_checkpoint(Path(fc.init_from))
-    cfg = Config(**ckpt["config"])
+    if hf.is_hf_source(fc.init_from):
+        model = hf.from_pretrained(fc.init_from)
+        cfg, state = model.config, model.state_dict()
+    else:
+        ckpt = load_checkpoint(Path(fc.init_from))
+        cfg = Config(**ckpt["config"])
+        # the student's regression head (head.*) serves pretraining only; its Transformer is `student.*` there
+        state = {"transformer." + k.removeprefix("student.") if k.startswith("student.") else k: v
+                 for k, v in ckpt["model"].items() if not k.startswith("head.")}
     if cfg.modality != fc.modality:
         raise CheckpointError(f"{fc.init_from} is a {cfg.modality} checkpoint; pass --modality={cfg.modality}")
-    return cfg, ckpt["model"]
+    return cfg, state
 
 
-def init_student(fc: FinetuneConfig, build, state: dict | None) -> nn.Module:
-    """build() the student (encoder + Transformer) and load the pretrained weights, or keep its random ones."""
+def init_student(fc: FinetuneConfig, build, state: dict | None) -> tuple[nn.Module, Transformer]:
+    """build() the student (a Data2Vec, or an hf.Pretrained) and load the pretrained feature encoder and
+    Transformer, strictly, or keep their random weights. Returns (feature encoder, Transformer)."""
     torch.manual_seed(fc.seed)
     model = build()
+    body = nn.ModuleDict(dict(encoder=model.encoder,
+                              transformer=model.student if isinstance(model, Data2Vec) else model.transformer))
     if state is not None:
-        load_state(model, state, "student", Path(fc.init_from))
-    return model
+        load_state(body, {k: v for k, v in state.items() if k.startswith(("encoder.", "transformer."))},
+                   "encoder and Transformer", Path(fc.init_from))
+    return body.encoder, body.transformer
 
 
 def subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -163,9 +184,24 @@ def run(fc: FinetuneConfig) -> dict:
 
 def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device, autocast) -> dict:
     """Passage classification: default genre task, or --train / --test TSV files."""
-    task = TASKS["text"](cfg, prepare=True)
-    meta, enc = task.data.meta, task.data.enc
-    tr_text, tr_label, te_text, te_label = load_task(fc, task.data_dir)
+    if hf.is_hf_source(fc.init_from):
+        # an official checkpoint reads its own tokenizer's ids (RoBERTa's BPE); the default task's TSVs come from
+        # preparing the default corpus
+        tok = hf.tokenizer(fc.init_from)
+        if tok.pad_token_id != hf.TEXT_PAD_ID:
+            raise ConfigError(f"{fc.init_from}: the tokenizer pads with id {tok.pad_token_id}, the model with "
+                              f"{hf.TEXT_PAD_ID}")
+        data_dir = text_data_dir(Config())
+        if not fc.train:
+            prepare_text(None, data_dir)
+        encode = lambda texts: tok(texts, max_length=fc.max_len, truncation=True, padding="max_length",
+                                   return_tensors="pt")["input_ids"]                       # (N, max_len)
+        build = lambda: hf.build(cfg)
+    else:
+        task = TASKS["text"](cfg, prepare=True)
+        data_dir, build = task.data_dir, task.build_model
+        encode = lambda texts: encode_texts(task.data.enc, texts, fc.max_len, task.data.meta)  # (N, max_len)
+    tr_text, tr_label, te_text, te_label = load_task(fc, data_dir)
     if cfg.block_size < fc.max_len:
         raise ConfigError(f"--max_len={fc.max_len} exceeds the encoder's {cfg.block_size} positions")
     classes = sorted(set(tr_label))
@@ -174,12 +210,11 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
         raise DataError(f"test labels {unknown[:5]} never occur in the training file")
     y_train = torch.tensor([classes.index(l) for l in tr_label])
     y_test = torch.tensor([classes.index(l) for l in te_label])
-    x_train = encode_texts(enc, tr_text, fc.max_len, meta)             # (N, T)
-    x_test = encode_texts(enc, te_text, fc.max_len, meta)
+    x_train, x_test = encode(tr_text), encode(te_text)                 # (N, T)
     keep = subset(y_train, fc.label_fraction, fc.seed)
     x_train, y_train = x_train[keep], y_train[keep]
-    student = init_student(fc, task.build_model, state)
-    model = Classifier(student.encoder, student.student, roberta_head(cfg.dim, len(classes), fc.dropout), "first")
+    encoder, transformer = init_student(fc, build, state)
+    model = Classifier(encoder, transformer, roberta_head(cfg.dim, len(classes), fc.dropout), "first")
     return fit_and_test(model.to(device), fc, (x_train, y_train), (x_test, y_test), autocast,
                         view=lambda x, g: x.to(device), classes=classes)
 
@@ -187,14 +222,16 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
 def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device, autocast) -> dict:
     """Image classification on the held-out split of the pretraining images (digits, or train.py's --data folder)."""
     if fc.train or fc.test:
-        raise ConfigError("--train / --test are text TSV files; vision uses the labelled folders of train.py's --data")
+        raise ConfigError("--train / --test are text TSV files; vision reads --data (or the pretraining run's --data)")
+    if fc.data:
+        cfg = replace(cfg, data=fc.data)
     task = TASKS["vision"](cfg, prepare=True)
     data = task.data
     keep = subset(data.labels["train"], fc.label_fraction, fc.seed)
     x_train, y_train = data.images["train"][keep], data.labels["train"][keep]     # (N, C, h, w) uint8, (N,)
-    student = init_student(fc, task.build_model, state)
+    encoder, transformer = init_student(fc, task.build_model, state)
     head = nn.Sequential(nn.LayerNorm(cfg.dim, eps=cfg.ln_eps), nn.Linear(cfg.dim, data.num_classes))
-    model = Classifier(student.encoder, student.student, head, "mean")
+    model = Classifier(encoder, transformer, head, "mean")
     # fine-tuning sees augmented training images (the generator given); the probe and the test, plain ones
     return fit_and_test(model.to(device), fc, (x_train, y_train), (data.images["test"], data.labels["test"]),
                         autocast, view=lambda x, g: data.view(x, g).to(device), classes=data.class_names)
@@ -256,7 +293,7 @@ def finetune(model: Classifier, fc: FinetuneConfig, x_train, y_train, x_test, y_
     opt = torch.optim.AdamW(layer_groups(model, fc), lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98), eps=1e-6)
     steps = fc.epochs * math.ceil(len(x_train) / fc.batch_size)
     warm = max(1, int(fc.warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / (steps - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
     g = torch.Generator().manual_seed(fc.seed)
 
     def predict(x):
@@ -340,8 +377,13 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     test_set = SpeechData(Path(fc.test) if fc.test else corpus / "test.tsv", fc.max_samples, targets=True)
     if fc.budget_minutes > 0:
         train_set = train_set.subset(fc.budget_minutes, torch.Generator().manual_seed(fc.seed))
-    student = init_student(fc, lambda: speech_model(cfg), state)   # needs no pretraining data to be built
-    model = CTCModel(student.encoder, student.student, len(VOCAB)).to(device)
+    encoder, transformer = init_student(fc, lambda: speech_model(cfg), state)   # needs no pretraining data
+    model = CTCModel(encoder, transformer, len(VOCAB))
+    if state is not None and "lm_head.weight" in state:
+        # an official CTC checkpoint (-960h): its letters are ctc.VOCAB, so its head carries on
+        load_state(model.lm_head, {k.removeprefix("lm_head."): v for k, v in state.items() if k.startswith("lm_head.")},
+                   "CTC head", Path(fc.init_from))
+    model.to(device)
     minutes = train_set.lengths.sum().item() / SAMPLE_RATE / 60
     steps = fc.epochs * math.ceil(len(train_set) / fc.batch_size)
     print(f"CTC fine-tuning on {len(train_set)} utterances ({minutes:.1f} min) for {steps} updates, "
@@ -376,6 +418,11 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
                   f"{time.time() - t0:.0f}s")
             total, n = 0.0, 0
     char_err, word_err = transcribe(model, test_set, fc.batch_size, device, autocast)
+    if fc.save:
+        # what transcribe.py needs: the weights, the architecture and the letters the head's rows stand for
+        Path(fc.save).parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(Path(fc.save), dict(model=model.state_dict(), config=asdict(cfg), vocab=VOCAB))
+        print(f"CTC checkpoint: {fc.save}")
     print(f"test CER {char_err:.4f} | WER {word_err:.4f} (init {fc.init_from}, {minutes:.1f} min of labelled audio, "
           f"{len(test_set)} utterances of held-out voices)")
     return dict(cer=char_err, wer=word_err, n_train=len(train_set), train_minutes=minutes, n_test=len(test_set))

@@ -1,0 +1,77 @@
+"""Greedy CTC transcription of audio files with a fine-tuned speech model: one `path<TAB>text` line per file.
+
+    python finetune.py --modality=speech --init_from=out-speech/ckpt.pt --save=out-ctc/ctc.pt   # a CTC checkpoint
+    python transcribe.py --ckpt=out-ctc/ctc.pt a.wav b.flac
+    python transcribe.py --ckpt=facebook/data2vec-audio-base-960h a.wav     # an official CTC checkpoint (hf.py)
+
+Audio must be 16 kHz mono (speech_data's checks name the file and the fix). Every file is normalised to zero mean
+and unit variance as in pre-training and fine-tuning (SPEC §6) and decoded on its own, so no padding is involved.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import hf
+from ctc import VOCAB, greedy_decode
+from finetune import CTCModel
+from speech_data import audio_samples, load_audio, normalize_wave
+from text_data import DataError
+from train import CheckpointError, Config, load_checkpoint, load_state, speech_model
+
+
+def load_ctc(ckpt: str) -> CTCModel:
+    """A CTC model from finetune.py's --save file, or from an official Data2VecAudioForCTC checkpoint (folder or hub
+    name). Its letters must be ctc.VOCAB (the official vocab.json order), which greedy_decode reads."""
+    if hf.is_hf_source(ckpt):
+        official = hf.from_pretrained(ckpt)
+        if official.lm_head is None:
+            raise CheckpointError(f"{ckpt} has no CTC head: it is a pretrained encoder; fine-tune it first "
+                                  f"(finetune.py --modality=speech --init_from={ckpt} --save=...)")
+        cfg, state, vocab_size = official.config, official.state_dict(), official.lm_head.out_features
+        if vocab_size != len(VOCAB):
+            raise CheckpointError(f"{ckpt}: {vocab_size} output symbols, but ctc.VOCAB has {len(VOCAB)}")
+    else:
+        saved = load_checkpoint(Path(ckpt))
+        if "vocab" not in saved:
+            raise CheckpointError(f"{ckpt} is a pretraining checkpoint, not a CTC one; fine-tune it with "
+                                  f"finetune.py --modality=speech --init_from={ckpt} --save=out-ctc/ctc.pt")
+        if saved["vocab"] != VOCAB:
+            raise CheckpointError(f"{ckpt}: its letters {saved['vocab']} are not ctc.VOCAB")
+        cfg, state = Config(**saved["config"]), saved["model"]
+    student = speech_model(cfg)
+    model = CTCModel(student.encoder, student.student, len(VOCAB))
+    load_state(model, state, "CTC model", Path(ckpt))
+    return model.eval()
+
+
+@torch.no_grad()
+def transcribe_file(model: CTCModel, path: Path, device: torch.device) -> str:
+    wave = normalize_wave(load_audio(path)).to(device)[None]                   # (1, S)
+    logits, _ = model(wave, torch.zeros_like(wave, dtype=torch.bool))           # (1, T, letters)
+    return greedy_decode(logits[0].float().cpu())[0]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True, help="finetune.py --save file, or an official CTC checkpoint "
+                        "(save_pretrained folder or hub name, e.g. facebook/data2vec-audio-base-960h)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("files", nargs="+", type=Path, help="16 kHz mono audio files (wav, flac, ...)")
+    args = parser.parse_args(argv)
+    try:
+        for path in args.files:                       # every file checked before the model loads: fail fast
+            audio_samples(path)
+        model = load_ctc(args.ckpt).to(args.device)
+        for path in args.files:
+            print(f"{path}\t{transcribe_file(model, path, torch.device(args.device))}")
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
