@@ -1,0 +1,56 @@
+"""results.py: per-seed units, resume from what is finished, the table and the plot."""
+
+import json
+
+import pytest
+
+import results
+import train
+
+TINY = dict(n_layer=1, dim=32, n_head=2, ffn_dim=64, top_k=1, img_size=16, patch_size=4, batch_size=8, max_iters=3,
+            eval_iters=1, log_interval=1, eval_interval=100, ckpt_interval=100)
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """A tiny vision preset and quick downstream runs; counts the pretraining runs."""
+    monkeypatch.setitem(train.PRESETS["vision"], "small", {**train.PRESETS["vision"]["small"], **TINY})
+    monkeypatch.setitem(results.DOWNSTREAM, "vision", [
+        ("probe", dict(mode="probe", label_fraction=0.1, probe_epochs=2), "accuracy", True),
+        ("fine-tune", dict(mode="finetune", label_fraction=0.1, epochs=1), "accuracy", True)])
+    calls = []
+    monkeypatch.setattr(results, "train", lambda cfg: calls.append(cfg) or train.train(cfg))
+    return calls
+
+
+def test_results_table_plot_and_resume(tiny, tmp_path):
+    args = ["--modality=vision", "--seeds=2", f"--out_dir={tmp_path}"]
+    assert results.main(args) == 0
+    assert len(tiny) == 2                                                    # one pretraining per seed
+    table = (tmp_path / "results.md").read_text()
+    assert "| vision |" in table and "| probe |" in table and "| fine-tune |" in table
+    assert (tmp_path / "results.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "vision" / "summary.json").read_text())
+    assert [len(summary["rows"]["probe"][k]) for k in ("pretrained", "random")] == [2, 2]
+
+    # a lost downstream unit is redone, everything finished is read back
+    (tmp_path / "vision" / "seed1" / "downstream1_random.json").unlink()
+    assert results.main(args) == 0
+    assert len(tiny) == 2
+    assert (tmp_path / "vision" / "seed1" / "downstream1_random.json").exists()
+
+
+def test_unfinished_pretraining_resumes(tiny, tmp_path):
+    out = tmp_path / "vision" / "seed0"
+    cfg = train.Config(**{**train.PRESETS["vision"]["small"], "modality": "vision", "max_iters": 2,
+                          "out_dir": str(out / "pretrain")})
+    train.train(cfg)                                                         # a run stopped at step 2 of 3
+    result = results.pretrain("vision", 0, out, "cpu")
+    assert tiny[-1].resume
+    assert train.load_checkpoint(out / "pretrain" / "ckpt.pt")["step"] == 3
+    assert result["min_target_var"] > 0
+
+
+def test_bad_arguments():
+    assert results.main(["--modality=audio"]) == 1
+    assert results.main(["--seeds=0"]) == 1
