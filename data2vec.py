@@ -8,6 +8,7 @@ positions and embedding LayerNorm) lives only in the student; the teacher borrow
 """
 
 import copy
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -72,11 +73,14 @@ class EMATeacher:
         return self
 
 
-def local_window(n: int, radius: int, grid: tuple[int, int] | None = None, prefix: int = 0) -> Tensor:
+@functools.lru_cache(maxsize=16)
+def local_window(n: int, radius: int, grid: tuple[int, int] | None = None, prefix: int = 0,
+                 device: torch.device | str = "cpu") -> Tensor:
     """Which keys each query may attend to when attention is restricted to a local window (the paper's ablation of
     contextualised targets, §5): those at most radius steps away. Steps are a sequence of n (text, speech) or an
     h x w patch grid in row-major order (vision), where the window is a square; prefix tokens (CLS) see only themselves,
-    so no information travels around the window through them. Returns (prefix + n, prefix + n) bool, True = attend.
+    so no information travels around the window through them. Returns (prefix + n, prefix + n) bool, True = attend;
+    cached, as the teacher asks for the same window every step (callers must not modify it).
     """
     if grid is not None:
         assert grid[0] * grid[1] == n, f"grid {grid} does not hold {n} steps"
@@ -86,7 +90,7 @@ def local_window(n: int, radius: int, grid: tuple[int, int] | None = None, prefi
     dist = (coords[:, :, None] - coords[:, None, :]).abs().amax(0)                  # (n, n) Chebyshev distance
     allowed = torch.eye(prefix + n, dtype=torch.bool)
     allowed[prefix:, prefix:] = dist <= radius
-    return allowed
+    return allowed.to(device)
 
 
 def normalize(y: Tensor, kind: str, padding_mask: Tensor | None = None, eps: float = 1e-5) -> Tensor:
@@ -150,7 +154,7 @@ class Data2Vec(nn.Module):
         if self.targets.teacher_context > 0:
             prefix = self.encoder.n_prefix
             allowed = local_window(h.shape[1] - prefix, self.targets.teacher_context // 2, teacher.model.cfg.rel_pos_grid,
-                                   prefix).to(h.device)                         # (T', T')
+                                   prefix, h.device)                            # (T', T')
         _, layers = teacher.model(h, padding_mask, self.targets.target_layer, allowed)
         return build_targets(layers, self.targets, padding_mask)
 

@@ -69,7 +69,7 @@ def pretrain(modality: str, seed: int, out: Path, device: str) -> dict:
     train(cfg)
     history = load_checkpoint(ckpt_path)["history"]
     result = dict(ckpt=str(ckpt_path), seconds=time.time() - t0, eval_loss=history["eval_loss"][-1],
-                  min_target_var=min(history["target_var"]))
+                  min_target_var=min(history["target_var"]), hardware=hardware())
     write_json(done, result)
     return result
 
@@ -184,7 +184,9 @@ def main(argv: list[str]) -> int:
     # the table and plot cover every modality finished so far, also from earlier invocations
     summaries = {m: s for m in DOWNSTREAM if (s := read_json(Path(rc.out_dir) / m / "summary.json")) is not None}
     out = Path(rc.out_dir)
-    (out / "results.md").write_text(f"Hardware: {hardware()}\n\n" + table(summaries))
+    # the machines the pretraining runs had (threads included), not the one writing the table
+    machines = sorted({p.get("hardware", "not recorded") for s in summaries.values() for p in s["pretrain"]})
+    (out / "results.md").write_text(f"Hardware: {'; '.join(machines)}\n\n" + table(summaries))
     plot(summaries, out / "results.png")
     print((out / "results.md").read_text())
     print(f"done in {(time.time() - t0) / 60:.1f} min; table: {out / 'results.md'}, plot: {out / 'results.png'}")

@@ -91,6 +91,13 @@ def max_diff(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None)
     return (d[keep] if keep is not None else d).max().item()
 
 
+def assert_blocks_match(got, want, got_ffn: list, want_ffn: list, keep: torch.Tensor | None = None) -> None:
+    """Every block's output (hidden_states[i + 1] is block i's, SPEC §5) and FFN output agree within TOL."""
+    for i in range(len(got.layers)):
+        assert max_diff(got.layers[i], want.hidden_states[i + 1], keep) < TOL, f"block {i}"
+        assert max_diff(got_ffn[i], want_ffn[i], keep) < TOL, f"FFN output of block {i}"
+
+
 # ---- parity ------------------------------------------------------------------------------------------------------
 
 @needs_transformers
@@ -112,9 +119,7 @@ def test_text_parity_on_a_padded_batch(config):
         got_ffn = ours(ids, target_layer="ffn").layers
     assert torch.equal(got.padding_mask, ~keep) and len(got.layers) == L == len(want.hidden_states) - 1
     assert max_diff(got.hidden, want.last_hidden_state, keep) < TOL
-    for i in range(L):   # hidden_states[i + 1] is block i's output (SPEC §5)
-        assert max_diff(got.layers[i], want.hidden_states[i + 1], keep) < TOL, f"block {i}"
-        assert max_diff(got_ffn[i], want_ffn[i], keep) < TOL, f"FFN output of block {i}"
+    assert_blocks_match(got, want, got_ffn, want_ffn, keep)
 
 
 @needs_transformers
@@ -143,9 +148,7 @@ def test_audio_parity_on_a_padded_batch(cls, config):
     else:
         assert "masked_spec_embed" not in theirs.state_dict()                             # OPTIONAL: ours keeps its own
         assert max_diff(got.hidden, want.last_hidden_state, keep) < TOL
-    for i in range(L):
-        assert max_diff(got.layers[i], want.hidden_states[i + 1], keep) < TOL, f"block {i}"
-        assert max_diff(got_ffn[i], want_ffn[i], keep) < TOL, f"FFN output of block {i}"
+    assert_blocks_match(got, want, got_ffn, want_ffn, keep)
 
 
 @needs_transformers
@@ -170,9 +173,7 @@ def test_vision_parity(cls, config):
     assert max_diff(got.hidden, want_hidden) < TOL
     if cls.endswith("Classification"):
         assert max_diff(got.logits, want.logits) < TOL
-    for i in range(L):
-        assert max_diff(got.layers[i], want.hidden_states[i + 1]) < TOL, f"block {i}"
-        assert max_diff(got_ffn[i], want_ffn[i]) < TOL, f"FFN output of block {i}"
+    assert_blocks_match(got, want, got_ffn, want_ffn)
 
 
 def test_per_layer_relative_position_bias_is_each_blocks_own():
