@@ -38,7 +38,8 @@ class ResultsConfig:
 # small on purpose: that is where pretraining should show (10 % of the labels; 10 minutes of labelled audio).
 DOWNSTREAM: dict[str, list[tuple[str, dict, str, bool]]] = {
     "text": [("genre, linear probe, 10 % of labels", dict(mode="probe", label_fraction=0.1), "accuracy", True),
-             ("genre, fine-tune, 10 % of labels", dict(mode="finetune", label_fraction=0.1), "accuracy", True)],
+             ("genre, fine-tune, 10 % of labels", dict(mode="finetune", label_fraction=0.1), "accuracy", True),
+             ("genre, linear probe, all labels", dict(mode="probe"), "accuracy", True)],
     "vision": [("digits, linear probe, 10 % of labels", dict(mode="probe", label_fraction=0.1), "accuracy", True),
                ("digits, fine-tune, 10 % of labels", dict(mode="finetune", label_fraction=0.1), "accuracy", True)],
     "speech": [("CTC, 10 min of labels, CER", dict(mode="finetune", budget_minutes=10), "cer", False)],

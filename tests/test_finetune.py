@@ -8,7 +8,9 @@ import torch
 
 import finetune
 import train
+from encoders import TextEncoder
 from finetune import subset
+from transformer import Transformer, TransformerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--block_size=32", "--batch_size=4",
@@ -57,3 +59,19 @@ def test_label_subset_is_stratified():
     keep = subset(labels, 0.1, seed=0)
     assert (labels[keep] == 0).sum() == 9 and (labels[keep] == 1).sum() == 1
     assert torch.equal(keep, subset(labels, 0.1, seed=0))
+
+
+def test_mean_pool_ignores_padding():
+    """The probe's mean over tokens: a padded batch gives each passage the mean of its own unpadded outputs."""
+    torch.manual_seed(0)
+    encoder = TextEncoder(vocab_size=50, dim=32, max_len=16, pad_id=1, dropout=0.0)
+    transformer = Transformer(TransformerConfig(n_layer=2, dim=32, n_head=2, ffn_dim=64, dropout=0.0, attn_dropout=0.0))
+    clf = finetune.Classifier(encoder, transformer, torch.nn.Identity(), "mean").eval()
+    pad = encoder.pad_id
+    short, long = torch.tensor([[0, 7, 8, 2]]), torch.tensor([[0, 9, 10, 11, 12, 13, 2]])
+    batch = torch.full((2, 7), pad)
+    batch[0, :4], batch[1] = short[0], long[0]
+    with torch.no_grad():
+        pooled = clf.features(batch)                                    # (2, C)
+        expected = torch.cat([clf.features(short), clf.features(long)])  # (2, C)
+    torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
