@@ -69,6 +69,8 @@ class FinetuneConfig:
     budget_minutes: float = 0.0  # train on a random subset of this many minutes of labelled audio; 0 = all of it
     max_samples: int = 320_000  # longer labelled utterances are left out (20 s at 16 kHz)
     mask_prob: float = 0.65     # span masking while fine-tuning (fairseq: 0.65, spans of the pretraining length)
+    freeze: float = 0.0         # fraction of the updates that train only the CTC head, the pretrained body frozen
+                                # (fairseq's freeze_finetune_updates: 10k of 13k updates for 10 min of labels)
     save: str = ""              # speech: write the fine-tuned CTC model here (transcribe.py reads it); '' = don't
     log_interval: int = 50
     device: str = "auto"
@@ -340,14 +342,16 @@ class CTCModel(nn.Module):
         # the conv feature encoder stays as pretrained (fairseq's feature_grad_mult 0, HF's freeze_feature_encoder)
         self.encoder.feature_extractor.requires_grad_(False)
 
-    def forward(self, waves: torch.Tensor, padding_mask: torch.Tensor,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """waves, padding_mask: (B, S); mask: (B, T) frames for the mask embedding, or None.
-        Returns logits (B, T, letters) and the frame padding mask (B, T)."""
-        x, pad = self.encoder.embed(waves, padding_mask)                  # (B, T, C)
-        if mask is not None:
-            x = self.encoder.apply_mask(x, mask)
-        h, _ = self.transformer(self.encoder(x, pad), pad)               # (B, T, C)
+    def forward(self, waves: torch.Tensor, padding_mask: torch.Tensor, mask: torch.Tensor | None = None,
+                frozen: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """waves, padding_mask: (B, S); mask: (B, T) frames for the mask embedding, or None; frozen: no gradient
+        into the encoder and Transformer (only lm_head learns). Returns logits (B, T, letters) and the frame
+        padding mask (B, T)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            x, pad = self.encoder.embed(waves, padding_mask)              # (B, T, C)
+            if mask is not None:
+                x = self.encoder.apply_mask(x, mask)
+            h, _ = self.transformer(self.encoder(x, pad), pad)           # (B, T, C)
         return self.lm_head(h), pad
 
 
@@ -394,8 +398,9 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     model.to(device)
     minutes = train_set.lengths.sum().item() / SAMPLE_RATE / 60
     steps = fc.epochs * math.ceil(len(train_set) / fc.batch_size)
-    print(f"CTC fine-tuning on {len(train_set)} utterances ({minutes:.1f} min) for {steps} updates, "
-          f"{len(test_set)} test utterances, encoder from {fc.init_from}")
+    frozen_steps = round(fc.freeze * steps)
+    print(f"CTC fine-tuning on {len(train_set)} utterances ({minutes:.1f} min) for {steps} updates "
+          f"(the first {frozen_steps} train the head only), {len(test_set)} test utterances, encoder from {fc.init_from}")
 
     opt = torch.optim.AdamW(layer_groups(model, fc), lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98), eps=1e-6)
     # tri-stage (SPEC §3): 10 % warmup, 40 % hold, 50 % linear decay to 5 % of the peak (fairseq's final_lr_scale)
@@ -411,7 +416,7 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
         # masking stays on while fine-tuning (SPEC §3), with the pretraining span length
         mask = span_mask(frames, T, prob=fc.mask_prob, span=cfg.mask_span, generator=g).to(device)  # (B, T)
         with autocast:
-            logits, _ = model(waves, padding_mask, mask)                                      # (B, T, V)
+            logits, _ = model(waves, padding_mask, mask, frozen=step < frozen_steps)          # (B, T, V)
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)                           # (T, B, V)
         loss = F.ctc_loss(log_probs, b.targets.to(device), frames.to(device), b.target_lengths.to(device),
                           blank=BLANK, zero_infinity=True)

@@ -128,7 +128,7 @@ def test_tiny_pretraining_then_ctc_finetuning(speech_corpus, tmp_path, capsys):
                        f"--out_dir={out}"]) == 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(v > 0.1 for v in ckpt["history"]["target_var"])
-    assert "encoder.pos_conv_embed.layers.4.conv.weight" in ckpt["model"]
+    assert "encoder.pos_conv_embed.layers.0.conv.weight" in ckpt["model"]    # the small preset: one layer
     assert "encoder.feature_extractor.conv_layers.6.layer_norm.weight" in ckpt["model"]
     capsys.readouterr()
     valid = speech_corpus.with_name("valid.tsv")
@@ -145,6 +145,20 @@ def test_finetuning_trains_all_but_the_conv_feature_encoder(speech_corpus):
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in model.named_parameters() if n.startswith("encoder.feature_extractor.")}
     assert "encoder.feature_projection.projection.weight" not in frozen
+
+
+def test_frozen_steps_train_only_the_ctc_head(speech_corpus):
+    """--freeze (fairseq's freeze_finetune_updates): while frozen, the loss reaches the letter head and nothing else."""
+    cfg = train.parse_args([*TINY, f"--data={speech_corpus}"])
+    student = train.SpeechTask(cfg, prepare=True).build_model()
+    model = finetune.CTCModel(student.encoder, student.student, 32)
+    waves = torch.randn(2, 8000)
+    for frozen in (True, False):
+        model.zero_grad(set_to_none=True)
+        logits, _ = model(waves, torch.zeros_like(waves, dtype=torch.bool), frozen=frozen)  # (B, T, 32)
+        logits.square().mean().backward()
+        trained = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+        assert trained == ({"lm_head"} if frozen else {"lm_head", "encoder", "transformer"})
 
 
 # ---- errors a user can cause -----------------------------------------------------------------------------------
