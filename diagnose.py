@@ -1,0 +1,116 @@
+"""Is a pretraining run learning content, or only where each step sits? Two checks on a train.py checkpoint.
+
+    python diagnose.py --ckpt=out-speech/ckpt.pt
+    python diagnose.py --ckpt=out-text/ckpt.pt --batches=8
+
+position_similarity: the teacher's targets for held-out inputs and for content-free inputs of the same shape
+(white noise for speech and images, uniformly random tokens for text), compared step by step (mean cosine).
+Near 1, the targets say where a step is and nothing about what is there: a collapse that target_var does not see,
+because position still varies across the steps. The student then predicts them from positions alone (a held-out
+loss far below the first evaluations is the sign) and learns nothing a downstream task can use.
+
+context_gain (text): the held-out loss with each passage's tokens shuffled, over the loss on intact passages. A
+student that uses its context predicts masked tokens better in real text than in a shuffle of the same words;
+near 1, it does not.
+"""
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from data2vec import EMATeacher
+from text_data import DataError
+from train import TASKS, CheckpointError, Config, ConfigError, load_checkpoint, load_state, parse_overrides
+
+
+@dataclass
+class DiagnoseConfig:
+    ckpt: str = ""              # a train.py checkpoint (out-<modality>/ckpt.pt)
+    batches: int = 4            # held-out batches to average over
+    seed: int = 0
+
+
+def content_free(source: torch.Tensor, modality: str, padding: torch.Tensor | None, special: torch.Tensor | None,
+                 n_normal: int, generator: torch.Generator) -> torch.Tensor:
+    """Inputs of source's shape that carry no content: unit noise (speech (B, S), zero where padding is True;
+    images (B, C, H, W)), or random normal tokens (text (B, T)) with the special tokens kept where they were."""
+    if modality == "text":
+        tokens = torch.randint(n_normal, source.shape, generator=generator)                 # (B, T)
+        return torch.where(special, source, tokens)
+    noise = torch.randn(source.shape, generator=generator)
+    return noise.masked_fill(padding, 0.0) if padding is not None else noise
+
+
+def shuffle_tokens(tokens: torch.Tensor, special: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each row's normal tokens in a random order; special tokens stay in place. tokens, special: (B, T)."""
+    out = tokens.clone()
+    for row, keep in zip(out, special):
+        idx = (~keep).nonzero().squeeze(1)                                                  # (n,)
+        row[idx] = row[idx[torch.randperm(len(idx), generator=generator)]]
+    return out
+
+
+@torch.no_grad()
+def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
+    if not dc.ckpt:
+        raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
+    path = Path(dc.ckpt)
+    ckpt = load_checkpoint(path)
+    cfg = Config(**ckpt["config"])
+    task = TASKS[cfg.modality](cfg, prepare=True)
+    model = task.build_model()
+    load_state(model, ckpt["model"], "student", path)
+    teacher = EMATeacher(model.student, cfg.tau_0, cfg.tau_e, cfg.tau_n)
+    load_state(teacher.model, ckpt["teacher"], "teacher", path)
+    model.eval()
+    g = torch.Generator().manual_seed(dc.seed)
+    sims, losses = [], {"intact": [], "shuffled": []}
+    for _ in range(dc.batches):
+        b = task.batch("val", g)
+        special, n_normal = None, 0
+        if cfg.modality == "text":
+            d = task.data
+            special = (b["source"] == d.bos_id) | (b["source"] == d.eos_id) | (b["source"] == d.pad_id)  # (B, T)
+            n_normal = d.n_normal
+        pad = b.get("padding_mask")
+        targets = []
+        for source in (b["source"], content_free(b["source"], cfg.modality, pad, special, n_normal, g)):
+            x, frame_pad = model.encoder.embed(source, pad)
+            prefix = model.encoder.n_prefix
+            if frame_pad is not None and prefix:
+                frame_pad = F.pad(frame_pad, (prefix, 0), value=False)
+            targets.append(model.teacher_targets(teacher, x, frame_pad))                  # (B, T', C)
+        real = torch.ones(targets[0].shape[:2], dtype=torch.bool) if frame_pad is None else ~frame_pad  # (B, T')
+        sims.append(F.cosine_similarity(targets[0], targets[1], dim=-1)[real].mean().item())
+        if cfg.modality == "text":
+            for name, source in (("intact", b["source"]), ("shuffled", shuffle_tokens(b["source"], special, g))):
+                student = source.masked_fill(b["mask"], task.data.mask_id)                    # (B, T)
+                loss, _, _ = model(source, b["mask"], teacher, student_source=student)
+                losses[name].append(loss.item() / b["mask"].sum().item())
+    result = {"position_similarity": sum(sims) / len(sims)}
+    if cfg.modality == "text":
+        intact, shuffled = (sum(losses[k]) / len(losses[k]) for k in ("intact", "shuffled"))
+        result.update(loss_intact=intact, loss_shuffled=shuffled, context_gain=shuffled / intact)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    try:
+        dc = DiagnoseConfig(**parse_overrides(DiagnoseConfig, argv))
+        result = diagnose(dc)
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{dc.ckpt}: targets of real vs content-free inputs, mean cosine per step: "
+          f"{result['position_similarity']:.3f} (near 1: the targets encode position, not content)")
+    if "context_gain" in result:
+        print(f"held-out loss per masked token: intact {result['loss_intact']:.3f}, tokens shuffled "
+              f"{result['loss_shuffled']:.3f}, ratio {result['context_gain']:.3f} (near 1: the student ignores context)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

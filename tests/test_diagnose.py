@@ -1,0 +1,48 @@
+"""diagnose.py: the content-free inputs and token shuffles it compares against, and a run on a tiny checkpoint."""
+
+import tarfile
+from pathlib import Path
+
+import torch
+
+import diagnose
+import train
+from diagnose import content_free, shuffle_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--block_size=32", "--batch_size=4",
+        "--vocab_size=320", "--top_k=2", "--eval_iters=1", "--log_interval=1", "--max_iters=2"]
+
+
+def test_shuffle_keeps_special_tokens_and_each_rows_tokens():
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.tensor([[0, 5, 6, 7, 8, 9, 2, 1, 1], [0, 10, 11, 12, 13, 14, 15, 16, 2]])   # <s> ... </s> <pad>
+    special = (tokens == 0) | (tokens == 1) | (tokens == 2)
+    out = shuffle_tokens(tokens, special, g)
+    assert torch.equal(out[special], tokens[special])
+    for row, orig in zip(out, tokens):
+        assert sorted(row.tolist()) == sorted(orig.tolist())
+    assert not torch.equal(out, tokens)
+
+
+def test_content_free_inputs_keep_the_shape_and_the_padding():
+    g = torch.Generator().manual_seed(0)
+    waves, pad = torch.randn(2, 100), torch.zeros(2, 100, dtype=torch.bool)
+    pad[1, 60:] = True
+    noise = content_free(waves, "speech", pad, None, 0, g)
+    assert noise.shape == waves.shape and (noise[pad] == 0).all() and (noise[~pad] != 0).all()
+    tokens = torch.tensor([[0, 5, 6, 2, 1]])
+    special = torch.tensor([[True, False, False, True, True]])
+    random = content_free(tokens, "text", None, special, n_normal=50, generator=g)
+    assert torch.equal(random[special], tokens[special]) and (random[~special] < 50).all()
+
+
+def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
+    with tarfile.open(ROOT / "data" / "shakespeare.tar.xz") as tar:
+        (tmp_path / "plays.txt").write_text(tar.extractfile("shakespeare/tempest.txt").read().decode())
+    assert train.main([*TINY, f"--data={tmp_path / 'plays.txt'}", f"--out_dir={tmp_path / 'out'}"]) == 0
+    result = diagnose.diagnose(diagnose.DiagnoseConfig(ckpt=str(tmp_path / "out" / "ckpt.pt"), batches=2))
+    assert -1.0 <= result["position_similarity"] <= 1.0
+    assert result["loss_intact"] > 0 and result["loss_shuffled"] > 0
+    assert diagnose.main([f"--ckpt={tmp_path / 'missing.pt'}"]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
