@@ -55,6 +55,8 @@ def shuffle_tokens(tokens: torch.Tensor, special: torch.Tensor, generator: torch
 
 @torch.no_grad()
 def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
+    """Both checks over dc.batches held-out batches -> position_similarity, and for text loss_intact, loss_shuffled
+    (per masked token, every masked token shown as <mask>) and context_gain = loss_shuffled / loss_intact."""
     if not dc.ckpt:
         raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
     path = Path(dc.ckpt)
