@@ -380,6 +380,8 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     --train / --test manifests with `.ltr` transcripts. --budget_minutes limits the labelled training audio."""
     if fc.mode != "finetune":
         raise ConfigError("speech has --mode=finetune only (CTC)")
+    if not 0.0 <= fc.freeze <= 1.0:
+        raise ConfigError(f"--freeze={fc.freeze}: the fraction of updates that train the head only, from 0 to 1")
     if bool(fc.train) != bool(fc.test):
         raise ConfigError("pass both --train and --test (manifests with .ltr transcripts), or neither for the default")
     corpus = ROOT / "data" / "speech"

@@ -182,3 +182,6 @@ def test_bad_speech_data_is_one_clear_error(speech_corpus, tmp_path, capsys):
 
     code = finetune.main(["--modality=speech", "--init_from=random", f"--train={speech_corpus}"])
     assert code == 1 and "pass both --train and --test" in capsys.readouterr().err
+
+    code = finetune.main(["--modality=speech", "--init_from=random", "--freeze=1.5"])
+    assert code == 1 and "--freeze=1.5" in capsys.readouterr().err
