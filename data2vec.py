@@ -143,6 +143,15 @@ class Data2Vec(nn.Module):
         # text: Linear(C, 2C) -> GELU -> Linear(2C, C) (data2vec text); speech, vision: Linear(C, C)
         self.head = nn.Sequential(nn.Linear(C, 2 * C), nn.GELU(), nn.Linear(2 * C, C)) if head_hidden else nn.Linear(C, C)
 
+    def embed(self, source: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The shared features x (B, T, C) of the raw batch, and the padding mask over the steps the Transformer
+        sees, (B, T') with T' = n_prefix + T (the encoder's prefix, e.g. CLS, is never padding), or None."""
+        x, padding_mask = self.encoder.embed(source, padding_mask)
+        prefix = self.encoder.n_prefix
+        if padding_mask is not None and prefix:
+            padding_mask = F.pad(padding_mask, (prefix, 0), value=False)        # (B, T')
+        return x, padding_mask
+
     @torch.no_grad()
     def teacher_targets(self, teacher: EMATeacher, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         """The teacher reads the unmasked features through the (shared) encoder tail, in eval mode like the teacher
@@ -172,15 +181,12 @@ class Data2Vec(nn.Module):
         Returns (loss summed over masked steps, predictions (N, C), targets (N, C)) with N = mask.sum();
         train.py divides the sum by the masked-step count of the whole global batch (SPEC §1.6).
         """
-        x, padding_mask = self.encoder.embed(source, padding_mask)              # (B, T, C) shared features
+        x, padding_mask = self.embed(source, padding_mask)                      # (B, T, C), (B, T') or None
         if student_source is not None:
-            xs = self.encoder.embed(student_source, padding_mask)[0]
+            xs = self.encoder.embed(student_source)[0]
         else:
             xs = self.encoder.apply_mask(x, mask)
-        prefix = self.encoder.n_prefix
-        if padding_mask is not None and prefix:
-            padding_mask = F.pad(padding_mask, (prefix, 0), value=False)        # (B, T') with T' = prefix + T
-        mask = F.pad(mask, (prefix, 0), value=False)                            # (B, T')
+        mask = F.pad(mask, (self.encoder.n_prefix, 0), value=False)             # (B, T')
 
         y = self.teacher_targets(teacher, x, padding_mask)[mask]               # (N, C)
         h, _ = self.student(self.encoder(xs, padding_mask), padding_mask)      # (B, T', C)

@@ -72,22 +72,17 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
     sims, losses = [], {"intact": [], "shuffled": []}
     for _ in range(dc.batches):
         b = task.batch("val", g)
-        special, n_normal = None, 0
-        if cfg.modality == "text":
-            d = task.data
-            special = (b["source"] == d.bos_id) | (b["source"] == d.eos_id) | (b["source"] == d.pad_id)  # (B, T)
-            n_normal = d.n_normal
+        text = cfg.modality == "text"
+        special = task.data.special(b["source"]) if text else None                        # (B, T)
+        n_normal = task.data.n_normal if text else 0
         pad = b.get("padding_mask")
         targets = []
         for source in (b["source"], content_free(b["source"], cfg.modality, pad, special, n_normal, g)):
-            x, frame_pad = model.encoder.embed(source, pad)
-            prefix = model.encoder.n_prefix
-            if frame_pad is not None and prefix:
-                frame_pad = F.pad(frame_pad, (prefix, 0), value=False)
+            x, frame_pad = model.embed(source, pad)                                       # (B, T, C), (B, T')
             targets.append(model.teacher_targets(teacher, x, frame_pad))                  # (B, T', C)
         real = torch.ones(targets[0].shape[:2], dtype=torch.bool) if frame_pad is None else ~frame_pad  # (B, T')
         sims.append(F.cosine_similarity(targets[0], targets[1], dim=-1)[real].mean().item())
-        if cfg.modality == "text":
+        if text:
             for name, source in (("intact", b["source"]), ("shuffled", shuffle_tokens(b["source"], special, g))):
                 student = source.masked_fill(b["mask"], task.data.mask_id)                    # (B, T)
                 loss, _, _ = model(source, b["mask"], teacher, student_source=student)

@@ -239,6 +239,10 @@ class TextPretrainData:
                 raise DataError(f"the {split} split of {out_dir} has {len(data)} tokens, fewer than one block "
                                 f"({block_size - 2} + <s> </s>): use a smaller block_size or more text")
 
+    def special(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool: True at <s>, </s> and <pad>, the tokens masking never picks."""
+        return (tokens == self.bos_id) | (tokens == self.eos_id) | (tokens == self.pad_id)
+
     def batch(self, split: str, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """(B, block_size) long; the offsets come from `generator` only, so a batch is a function of its state."""
         data, n = self.data[split], self.block_size - 2

@@ -271,7 +271,7 @@ class TextTask:
     def batch(self, split: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
         d = self.data
         tokens = d.batch(split, self.cfg.batch_size, generator)                              # (B, T)
-        special = (tokens == d.bos_id) | (tokens == d.eos_id) | (tokens == d.pad_id)
+        special = d.special(tokens)                                                          # (B, T)
         student, mask = bert_mask(tokens, mask_id=d.mask_id, n_normal=d.n_normal, special=special,
                                   generator=generator, prob=self.cfg.mask_prob)
         return dict(source=tokens, mask=mask, student_source=student)
