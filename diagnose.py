@@ -12,6 +12,11 @@ loss far below the first evaluations is the sign) and learns nothing a downstrea
 context_gain (text): the held-out loss with each passage's tokens shuffled, over the loss on intact passages. A
 student that uses its context predicts masked tokens better in real text than in a shuffle of the same words;
 near 1, it does not.
+
+embedding norms (text): the mean L2 norm of the token rows (normal tokens) and of the position rows a full passage
+reads, in the checkpoint and in the model the run started from (the same config and seed, freshly initialised).
+The teacher reads the student's embeddings (shared, SPEC §2), so positions that grow while tokens stay put move
+the teacher's input, and its targets, towards position.
 """
 
 import sys
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from data2vec import EMATeacher
+from encoders import TextEncoder
 from text_data import DataError
 from train import TASKS, CheckpointError, Config, ConfigError, load_checkpoint, load_state, parse_overrides
 
@@ -53,10 +59,18 @@ def shuffle_tokens(tokens: torch.Tensor, special: torch.Tensor, generator: torch
     return out
 
 
+def embedding_norms(encoder: TextEncoder, n_normal: int, block_size: int) -> tuple[float, float]:
+    """-> mean L2 norm of the normal tokens' embedding rows, of the position rows 2 .. block_size + 1."""
+    tokens = encoder.tokens.weight[:n_normal]                                              # (n_normal, C)
+    positions = encoder.positions.weight[2:block_size + 2]                                 # (block_size, C)
+    return tokens.norm(dim=1).mean().item(), positions.norm(dim=1).mean().item()
+
+
 @torch.no_grad()
 def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
     """Both checks over dc.batches held-out batches -> position_similarity, and for text loss_intact, loss_shuffled
-    (per masked token, every masked token shown as <mask>) and context_gain = loss_shuffled / loss_intact."""
+    (per masked token, every masked token shown as <mask>), context_gain = loss_shuffled / loss_intact, and the
+    embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init."""
     if not dc.ckpt:
         raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
     path = Path(dc.ckpt)
@@ -91,6 +105,10 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
     if cfg.modality == "text":
         intact, shuffled = (sum(losses[k]) / len(losses[k]) for k in ("intact", "shuffled"))
         result.update(loss_intact=intact, loss_shuffled=shuffled, context_gain=shuffled / intact)
+        torch.manual_seed(cfg.seed)                       # train.py's initial weights
+        for suffix, encoder in (("", model.encoder), ("_init", task.build_model().encoder)):
+            token, position = embedding_norms(encoder, task.data.n_normal, cfg.block_size)
+            result.update({f"token_norm{suffix}": token, f"position_norm{suffix}": position})
     return result
 
 
@@ -106,6 +124,8 @@ def main(argv: list[str]) -> int:
     if "context_gain" in result:
         print(f"held-out loss per masked token: intact {result['loss_intact']:.3f}, tokens shuffled "
               f"{result['loss_shuffled']:.3f}, ratio {result['context_gain']:.3f} (near 1: the student ignores context)")
+        print(f"embedding norms, mean per row: tokens {result['token_norm_init']:.3f} at initialisation -> "
+              f"{result['token_norm']:.3f}, positions {result['position_norm_init']:.3f} -> {result['position_norm']:.3f}")
     return 0
 
 

@@ -3,11 +3,13 @@
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 
 import diagnose
 import train
-from diagnose import content_free, shuffle_tokens
+from diagnose import content_free, embedding_norms, shuffle_tokens
+from encoders import TextEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--block_size=32", "--batch_size=4",
@@ -37,6 +39,16 @@ def test_content_free_inputs_keep_the_shape_and_the_padding():
     assert torch.equal(random[special], tokens[special]) and (random[~special] < 50).all()
 
 
+def test_embedding_norms_read_the_normal_tokens_and_the_positions_of_a_full_passage():
+    encoder = TextEncoder(vocab_size=10, dim=4, max_len=6, pad_id=8, dropout=0.0)
+    with torch.no_grad():
+        encoder.tokens.weight.fill_(0.0)
+        encoder.tokens.weight[:7] = 0.5                     # 7 normal tokens, norm 1; the specials count nowhere
+        encoder.positions.weight.fill_(3.0)                 # rows 0 and 1 (unused, padding) would pull the mean up
+        encoder.positions.weight[2:] = torch.tensor([0.0, 0.0, 0.0, 2.0])
+    assert embedding_norms(encoder, n_normal=7, block_size=6) == (1.0, 2.0)
+
+
 def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     with tarfile.open(ROOT / "data" / "shakespeare.tar.xz") as tar:
         (tmp_path / "plays.txt").write_text(tar.extractfile("shakespeare/tempest.txt").read().decode())
@@ -44,5 +56,7 @@ def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     result = diagnose.diagnose(diagnose.DiagnoseConfig(ckpt=str(tmp_path / "out" / "ckpt.pt"), batches=2))
     assert -1.0 <= result["position_similarity"] <= 1.0
     assert result["loss_intact"] > 0 and result["loss_shuffled"] > 0
+    assert result["token_norm_init"] == pytest.approx(0.02 * 32 ** 0.5, rel=0.3)        # std 0.02 rows of width 32
+    assert result["position_norm"] != result["position_norm_init"]                         # two updates moved them
     assert diagnose.main([f"--ckpt={tmp_path / 'missing.pt'}"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
