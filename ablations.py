@@ -3,6 +3,7 @@ by a linear probe on the held-out digits. tests/test_ablations.py asserts the on
 
     python ablations.py                                 # every setting, seeds 0-2 -> a markdown table
     python ablations.py --settings=ffn,attn --seeds=1   # some of them
+    python ablations.py --settings=recipe,local --iters=600   # longer runs
 
 Each run is the small vision recipe shortened to 200 updates of 32 images (~45 s on one core), with the layer scale
 off: at 200 updates BEiT's 1e-4 layer scale keeps every block of the teacher close to the identity, so block, FFN
@@ -39,6 +40,7 @@ SETTINGS: dict[str, tuple[str, dict]] = {
 class AblationConfig:
     settings: str = ",".join(SETTINGS)   # comma-separated names of SETTINGS
     seeds: int = 3
+    iters: int = TINY["max_iters"]         # updates per pretraining run
 
 
 def pretrain(out: Path, **overrides) -> dict:
@@ -62,6 +64,8 @@ def main(argv: list[str]) -> int:
         unknown = [n for n in names if n not in SETTINGS]
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r}: choose from {', '.join(SETTINGS)}")
+        if ac.iters < 1 or ac.seeds < 1:
+            raise ConfigError("--iters and --seeds take a positive number")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -70,7 +74,7 @@ def main(argv: list[str]) -> int:
         for seed in range(ac.seeds):
             for name in names:
                 t0 = time.time()
-                run = pretrain(Path(tmp) / f"{name}{seed}", seed=seed, **SETTINGS[name][1])
+                run = pretrain(Path(tmp) / f"{name}{seed}", seed=seed, max_iters=ac.iters, **SETTINGS[name][1])
                 acc = probe_accuracy(run["path"], seed)
                 rows[name].append(acc)
                 print(f"{name:7s} seed {seed}: probe {acc:.3f}, min target_var {min(run['history']['target_var']):.3f} "

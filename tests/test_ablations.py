@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import ablations
 from ablations import pretrain, probe_accuracy
 from train import PRESETS
 
@@ -34,3 +35,10 @@ def test_attention_output_targets_give_a_worse_model(tmp_path: Path):
     ffn = probe_accuracy(pretrain(tmp_path / "ffn", target_layer="ffn")["path"])
     attn = probe_accuracy(pretrain(tmp_path / "attn", target_layer="attn")["path"])
     assert ffn - attn > 0.03, (ffn, attn)
+
+
+def test_bad_settings_are_clear_errors(capsys):
+    assert ablations.main(["--settings=recipe,nope"]) == 1
+    assert "unknown setting 'nope'" in capsys.readouterr().err
+    assert ablations.main(["--iters=0"]) == 1
+    assert "positive" in capsys.readouterr().err
