@@ -83,10 +83,10 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
     load_state(teacher.model, ckpt["teacher"], "teacher", path)
     model.eval()
     g = torch.Generator().manual_seed(dc.seed)
+    text = cfg.modality == "text"
     sims, losses = [], {"intact": [], "shuffled": []}
     for _ in range(dc.batches):
         b = task.batch("val", g)
-        text = cfg.modality == "text"
         special = task.data.special(b["source"]) if text else None                        # (B, T)
         n_normal = task.data.n_normal if text else 0
         pad = b.get("padding_mask")
@@ -102,11 +102,13 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
                 loss, _, _ = model(source, b["mask"], teacher, student_source=student)
                 losses[name].append(loss.item() / b["mask"].sum().item())
     result = {"position_similarity": sum(sims) / len(sims)}
-    if cfg.modality == "text":
+    if text:
         intact, shuffled = (sum(losses[k]) / len(losses[k]) for k in ("intact", "shuffled"))
         result.update(loss_intact=intact, loss_shuffled=shuffled, context_gain=shuffled / intact)
-        torch.manual_seed(cfg.seed)                       # train.py's initial weights
-        for suffix, encoder in (("", model.encoder), ("_init", task.build_model().encoder)):
+        with torch.random.fork_rng():                     # train.py's initial weights, without reseeding the caller
+            torch.manual_seed(cfg.seed)
+            initial = task.build_model().encoder
+        for suffix, encoder in (("", model.encoder), ("_init", initial)):
             token, position = embedding_norms(encoder, task.data.n_normal, cfg.block_size)
             result.update({f"token_norm{suffix}": token, f"position_norm{suffix}": position})
     return result
@@ -123,9 +125,11 @@ def main(argv: list[str]) -> int:
           f"{result['position_similarity']:.3f} (near 1: the targets encode position, not content)")
     if "context_gain" in result:
         print(f"held-out loss per masked token: intact {result['loss_intact']:.3f}, tokens shuffled "
-              f"{result['loss_shuffled']:.3f}, ratio {result['context_gain']:.3f} (near 1: the student ignores context)")
+              f"{result['loss_shuffled']:.3f}, ratio {result['context_gain']:.3f} "
+              "(near 1: the student ignores context)")
         print(f"embedding norms, mean per row: tokens {result['token_norm_init']:.3f} at initialisation -> "
-              f"{result['token_norm']:.3f}, positions {result['position_norm_init']:.3f} -> {result['position_norm']:.3f}")
+              f"{result['token_norm']:.3f}, positions {result['position_norm_init']:.3f} -> "
+              f"{result['position_norm']:.3f}")
     return 0
 
 

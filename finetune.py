@@ -402,7 +402,8 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     steps = fc.epochs * math.ceil(len(train_set) / fc.batch_size)
     frozen_steps = round(fc.freeze * steps)
     print(f"CTC fine-tuning on {len(train_set)} utterances ({minutes:.1f} min) for {steps} updates "
-          f"(the first {frozen_steps} train the head only), {len(test_set)} test utterances, encoder from {fc.init_from}")
+          f"(the first {frozen_steps} train the head only), {len(test_set)} test utterances, "
+          f"encoder from {fc.init_from}")
 
     opt = torch.optim.AdamW(layer_groups(model, fc), lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98), eps=1e-6)
     # tri-stage (SPEC §3): 10 % warmup, 40 % hold, 50 % linear decay to 5 % of the peak (fairseq's final_lr_scale)

@@ -169,8 +169,8 @@ PRESETS: dict[str, dict[str, dict]] = {
         # signal (targets of white noise matched speech's at cosine 0.998 after 400 updates) and the student
         # learns nothing else. One layer sees 19 frames, as on LibriSpeech's 12 s utterances most frames see no edge.
         "small": dict(SPEECH, n_layer=4, dim=256, n_head=4, ffn_dim=1024, top_k=3, conv_dim=64, max_samples=64_000,
-                      pos_conv_layers=1, batch_size=8, max_iters=400, tau_0=0.99, tau_e=0.999, tau_n=400, eval_interval=100,
-                      eval_iters=4, log_interval=20, ckpt_interval=200),
+                      pos_conv_layers=1, batch_size=8, max_iters=400, tau_0=0.99, tau_e=0.999, tau_n=400,
+                      eval_interval=100, eval_iters=4, log_interval=20, ckpt_interval=200),
         # 400k updates of up to 63 min of audio (paper: 16 GPUs x 3.8M samples); here 288 crops of <= 20 s
         # (LibriSpeech utterances average 12 s, so ~1 h per update)
         "base": dict(SPEECH, n_layer=12, dim=768, n_head=12, ffn_dim=3072, top_k=8, conv_dim=512, batch_size=12,
