@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data2vec import Data2Vec, EMATeacher, TargetConfig, collapse_stat
 from encoders import ConvFeatureExtractor, PatchEncoder, SpeechEncoder, TextEncoder, conv_output_lengths
 from masking import bert_mask, block_mask, span_mask
+from mlm import MaskedLM
 from speech_data import SpeechData, prepare_speech
 from text_data import DataError, TextPretrainData, prepare_text
 from transformer import TransformerConfig
@@ -92,6 +93,7 @@ class Config:
     loss_beta: float = 4.0      # 0 = squared error, > 0 = Smooth L1 with this beta
     loss_scale: bool = False    # scale the loss by 1/sqrt(C)
     teacher_context: int = 0    # 0 = the teacher sees the whole input; w > 0 = each step a window of w steps around it
+    objective: str = "data2vec"  # data2vec | mlm (text only: the masked language model baseline of mlm.py, no teacher)
     # EMA teacher: tau from tau_0 to tau_e over tau_n updates
     tau_0: float = 0.99
     tau_e: float = 0.999
@@ -185,7 +187,7 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 # Fields that fix the model or the data; a resumed run must agree with its checkpoint on these.
 ARCH_FIELDS = [f.name for f in fields(TransformerConfig) if f.name != "rel_pos_grid"] + [
-    "modality", "data", "block_size", "vocab_size", "tokenizer", "seed", "img_size", "patch_size",
+    "modality", "objective", "data", "block_size", "vocab_size", "tokenizer", "seed", "img_size", "patch_size",
     "conv_dim", "conv_layers", "pos_conv_layers", "pos_conv_kernel", "pos_conv_groups", "max_samples"]
 
 
@@ -239,6 +241,10 @@ def parse_args(argv: list[str]) -> Config:
     if preset not in PRESETS[modality]:
         raise ConfigError(f"unknown preset {preset!r} for {modality}: choose one of {', '.join(PRESETS[modality])}")
     cfg = Config(**{**PRESETS[modality][preset], **overrides})
+    if cfg.objective not in ("data2vec", "mlm"):
+        raise ConfigError(f"unknown --objective={cfg.objective}: use data2vec or mlm")
+    if cfg.objective == "mlm" and cfg.modality != "text":
+        raise ConfigError("--objective=mlm is the text baseline (token cross-entropy); use it with --modality=text")
     if not cfg.out_dir:
         cfg.out_dir = f"out-{cfg.modality}"
     return cfg
@@ -266,7 +272,8 @@ class TextTask:
     def build_model(self) -> Data2Vec:
         cfg = self.cfg
         encoder = TextEncoder(self.data.vocab_size, cfg.dim, cfg.block_size, self.data.pad_id, cfg.dropout, cfg.ln_eps)
-        return Data2Vec(encoder, sub_config(TransformerConfig, cfg), sub_config(TargetConfig, cfg), head_hidden=True)
+        model = MaskedLM if cfg.objective == "mlm" else Data2Vec
+        return model(encoder, sub_config(TransformerConfig, cfg), sub_config(TargetConfig, cfg), head_hidden=True)
 
     def batch(self, split: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
         d = self.data

@@ -53,6 +53,8 @@ def test_preset_then_overrides():
     (["--modality=smell"], "unknown modality"),
     (["--preset=huge"], "unknown preset"),
     (["n_layer=3"], "settings look like --key=value"),
+    (["--objective=mae"], "use data2vec or mlm"),
+    (["--modality=vision", "--objective=mlm"], "use it with --modality=text"),
 ])
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
