@@ -13,6 +13,8 @@ context_gain (text): the held-out loss with each passage's tokens shuffled, over
 student that uses its context predicts masked tokens better in real text than in a shuffle of the same words;
 near 1, it does not.
 
+A masked-LM checkpoint (train.py --objective=mlm, mlm.py) has no teacher targets: only the text checks apply.
+
 embedding norms (text): the mean L2 norm of the token rows (normal tokens) and of the position rows a full passage
 reads, in the checkpoint and in the model the run started from (the same config and seed, freshly initialised).
 The teacher reads the student's embeddings (shared, SPEC §2), so positions that grow while tokens stay put move
@@ -68,7 +70,7 @@ def embedding_norms(encoder: TextEncoder, n_normal: int, block_size: int) -> tup
 
 @torch.no_grad()
 def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
-    """Both checks over dc.batches held-out batches -> position_similarity, and for text loss_intact, loss_shuffled
+    """Both checks over dc.batches held-out batches -> position_similarity (not for a masked-LM run), and for text loss_intact, loss_shuffled
     (per masked token, every masked token shown as <mask>), context_gain = loss_shuffled / loss_intact, and the
     embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init."""
     if not dc.ckpt:
@@ -84,24 +86,26 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
     model.eval()
     g = torch.Generator().manual_seed(dc.seed)
     text = cfg.modality == "text"
+    targets_too = cfg.objective != "mlm"                  # a masked-LM run has no teacher targets to compare
     sims, losses = [], {"intact": [], "shuffled": []}
     for _ in range(dc.batches):
         b = task.batch("val", g)
         special = task.data.special(b["source"]) if text else None                        # (B, T)
         n_normal = task.data.n_normal if text else 0
         pad = b.get("padding_mask")
-        targets = []
-        for source in (b["source"], content_free(b["source"], cfg.modality, pad, special, n_normal, g)):
-            x, frame_pad = model.embed(source, pad)                                       # (B, T, C), (B, T')
-            targets.append(model.teacher_targets(teacher, x, frame_pad))                  # (B, T', C)
-        real = torch.ones(targets[0].shape[:2], dtype=torch.bool) if frame_pad is None else ~frame_pad  # (B, T')
-        sims.append(F.cosine_similarity(targets[0], targets[1], dim=-1)[real].mean().item())
+        if targets_too:
+            targets = []
+            for source in (b["source"], content_free(b["source"], cfg.modality, pad, special, n_normal, g)):
+                x, frame_pad = model.embed(source, pad)                                   # (B, T, C), (B, T')
+                targets.append(model.teacher_targets(teacher, x, frame_pad))              # (B, T', C)
+            real = torch.ones(targets[0].shape[:2], dtype=torch.bool) if frame_pad is None else ~frame_pad  # (B, T')
+            sims.append(F.cosine_similarity(targets[0], targets[1], dim=-1)[real].mean().item())
         if text:
             for name, source in (("intact", b["source"]), ("shuffled", shuffle_tokens(b["source"], special, g))):
                 student = source.masked_fill(b["mask"], task.data.mask_id)                    # (B, T)
                 loss, _, _ = model(source, b["mask"], teacher, student_source=student)
                 losses[name].append(loss.item() / b["mask"].sum().item())
-    result = {"position_similarity": sum(sims) / len(sims)}
+    result = {"position_similarity": sum(sims) / len(sims)} if targets_too else {}
     if text:
         intact, shuffled = (sum(losses[k]) / len(losses[k]) for k in ("intact", "shuffled"))
         result.update(loss_intact=intact, loss_shuffled=shuffled, context_gain=shuffled / intact)
@@ -121,8 +125,11 @@ def main(argv: list[str]) -> int:
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{dc.ckpt}: targets of real vs content-free inputs, mean cosine per step: "
-          f"{result['position_similarity']:.3f} (near 1: the targets encode position, not content)")
+    if "position_similarity" in result:
+        print(f"{dc.ckpt}: targets of real vs content-free inputs, mean cosine per step: "
+              f"{result['position_similarity']:.3f} (near 1: the targets encode position, not content)")
+    else:
+        print(f"{dc.ckpt}: a masked-LM run (mlm.py), no teacher targets to compare")
     if "context_gain" in result:
         print(f"held-out loss per masked token: intact {result['loss_intact']:.3f}, tokens shuffled "
               f"{result['loss_shuffled']:.3f}, ratio {result['context_gain']:.3f} "

@@ -60,3 +60,15 @@ def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     assert result["position_norm"] != result["position_norm_init"]                         # two updates moved them
     assert diagnose.main([f"--ckpt={tmp_path / 'missing.pt'}"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_diagnose_a_masked_lm_checkpoint(tmp_path, capsys):
+    with tarfile.open(ROOT / "data" / "shakespeare.tar.xz") as tar:
+        (tmp_path / "plays.txt").write_text(tar.extractfile("shakespeare/tempest.txt").read().decode())
+    assert train.main([*TINY, "--objective=mlm", f"--data={tmp_path / 'plays.txt'}", f"--out_dir={tmp_path / 'out'}"]) == 0
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    result = diagnose.diagnose(diagnose.DiagnoseConfig(ckpt=str(ckpt), batches=2))
+    assert "position_similarity" not in result                     # no teacher targets in a masked-LM run
+    assert result["loss_intact"] > 0 and result["context_gain"] > 0
+    assert diagnose.main([f"--ckpt={ckpt}", "--batches=1"]) == 0
+    assert "a masked-LM run" in capsys.readouterr().out
