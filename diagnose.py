@@ -13,7 +13,9 @@ context_gain (text): the held-out loss with each passage's tokens shuffled, over
 student that uses its context predicts masked tokens better in real text than in a shuffle of the same words;
 near 1, it does not.
 
-A masked-LM checkpoint (train.py --objective=mlm, mlm.py) has no teacher targets: only the text checks apply.
+A masked-LM checkpoint (train.py --objective=mlm, mlm.py) has no teacher targets: only the text checks apply, plus
+the entropy of the training split's token frequencies, the held-out cross-entropy a model that ignores its
+context can reach.
 
 embedding norms (text): the mean L2 norm of the token rows (normal tokens) and of the position rows a full passage
 reads, in the checkpoint and in the model the run started from (the same config and seed, freshly initialised).
@@ -25,6 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -66,6 +69,13 @@ def embedding_norms(encoder: TextEncoder, n_normal: int, block_size: int) -> tup
     tokens = encoder.tokens.weight[:n_normal]                                              # (n_normal, C)
     positions = encoder.positions.weight[2:block_size + 2]                                 # (block_size, C)
     return tokens.norm(dim=1).mean().item(), positions.norm(dim=1).mean().item()
+
+
+def frequency_entropy(stream: np.ndarray, n_normal: int) -> float:
+    """Entropy in nats of the frequencies of the normal tokens (ids below n_normal) in a token stream."""
+    counts = np.bincount(stream[stream < n_normal], minlength=n_normal).astype(np.float64)        # (n_normal,)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
 
 
 @torch.no_grad()
@@ -115,6 +125,8 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
         for suffix, encoder in (("", model.encoder), ("_init", initial)):
             token, position = embedding_norms(encoder, task.data.n_normal, cfg.block_size)
             result.update({f"token_norm{suffix}": token, f"position_norm{suffix}": position})
+        if not targets_too:
+            result["frequency_entropy"] = frequency_entropy(np.asarray(task.data.data["train"]), task.data.n_normal)
     return result
 
 
@@ -129,7 +141,8 @@ def main(argv: list[str]) -> int:
         print(f"{dc.ckpt}: targets of real vs content-free inputs, mean cosine per step: "
               f"{result['position_similarity']:.3f} (near 1: the targets encode position, not content)")
     else:
-        print(f"{dc.ckpt}: a masked-LM run (mlm.py), no teacher targets to compare")
+        print(f"{dc.ckpt}: a masked-LM run (mlm.py), no teacher targets to compare; a model that ignores its "
+              f"context reaches the entropy of the token frequencies, {result['frequency_entropy']:.3f} nats")
     if "context_gain" in result:
         print(f"held-out loss per masked token: intact {result['loss_intact']:.3f}, tokens shuffled "
               f"{result['loss_shuffled']:.3f}, ratio {result['context_gain']:.3f} "

@@ -3,12 +3,13 @@
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import diagnose
 import train
-from diagnose import content_free, embedding_norms, shuffle_tokens
+from diagnose import content_free, embedding_norms, frequency_entropy, shuffle_tokens
 from encoders import TextEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +50,13 @@ def test_embedding_norms_read_the_normal_tokens_and_the_positions_of_a_full_pass
     assert embedding_norms(encoder, n_normal=7, block_size=6) == (1.0, 2.0)
 
 
+def test_frequency_entropy_counts_the_normal_tokens_only():
+    stream = np.array([5, 6, 7, 8, 5, 6, 7, 8, 9, 9, 9], dtype=np.uint16)     # 9 and above: special tokens
+    assert frequency_entropy(stream, n_normal=9) == pytest.approx(np.log(4))
+    assert frequency_entropy(np.array([3, 3, 3, 4], dtype=np.uint16), n_normal=9) == pytest.approx(
+        -(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
+
+
 def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     with tarfile.open(ROOT / "data" / "shakespeare.tar.xz") as tar:
         (tmp_path / "plays.txt").write_text(tar.extractfile("shakespeare/tempest.txt").read().decode())
@@ -69,6 +77,7 @@ def test_diagnose_a_masked_lm_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "out" / "ckpt.pt"
     result = diagnose.diagnose(diagnose.DiagnoseConfig(ckpt=str(ckpt), batches=2))
     assert "position_similarity" not in result                     # no teacher targets in a masked-LM run
+    assert 0 < result["frequency_entropy"] < np.log(320)
     assert result["loss_intact"] > 0 and result["context_gain"] > 0
     assert diagnose.main([f"--ckpt={ckpt}", "--batches=1"]) == 0
     assert "a masked-LM run" in capsys.readouterr().out
