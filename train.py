@@ -285,11 +285,16 @@ class TextTask:
 
 
 def text_data_dir(cfg: Config) -> Path:
-    """Where the tokenized data and tokenizer are cached: data/text for the default corpus, else beside the data."""
+    """Where the tokenized data and tokenizer are cached: data/text for the default corpus, else beside the data
+    (<name>-data2vec). Other tokenizer settings than the defaults get their own folder (data/text-bpe-512), so runs
+    with different settings never re-tokenize the data under each other."""
+    default = Config()
+    same = (cfg.tokenizer, cfg.vocab_size) == (default.tokenizer, default.vocab_size)
+    suffix = "" if same else f"-{cfg.tokenizer}-{cfg.vocab_size}"
     if not cfg.data:
-        return ROOT / "data" / "text"
+        return ROOT / "data" / f"text{suffix}"
     source = Path(cfg.data).resolve()
-    return source.parent / f"{source.stem}-data2vec"
+    return source.parent / f"{source.stem}-data2vec{suffix}"
 
 
 class VisionTask:

@@ -11,7 +11,7 @@ import torch
 
 import train
 from data2vec import EMATeacher
-from train import Config, forward_backward, lr_at, parse_args
+from train import ROOT, Config, forward_backward, lr_at, parse_args, text_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--block_size=32", "--batch_size=4",
@@ -59,6 +59,15 @@ def test_preset_then_overrides():
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
     assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_each_tokenizer_setting_caches_its_own_data(tmp_path):
+    assert text_data_dir(Config()) == ROOT / "data" / "text"
+    assert text_data_dir(Config(vocab_size=512)) == ROOT / "data" / "text-auto-512"
+    assert text_data_dir(Config(tokenizer="bpe", vocab_size=512)) == ROOT / "data" / "text-bpe-512"
+    corpus = tmp_path / "books.txt"
+    assert text_data_dir(Config(data=str(corpus))) == tmp_path / "books-data2vec"
+    assert text_data_dir(Config(data=str(corpus), vocab_size=1024)) == tmp_path / "books-data2vec-auto-1024"
 
 
 # ---- schedules -----------------------------------------------------------------------------------------------
