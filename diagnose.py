@@ -80,9 +80,10 @@ def frequency_entropy(stream: np.ndarray, n_normal: int) -> float:
 
 @torch.no_grad()
 def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
-    """Both checks over dc.batches held-out batches -> position_similarity (not for a masked-LM run), and for text loss_intact, loss_shuffled
-    (per masked token, every masked token shown as <mask>), context_gain = loss_shuffled / loss_intact, and the
-    embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init."""
+    """Both checks over dc.batches held-out batches -> position_similarity (not for a masked-LM run), and for text
+    loss_intact, loss_shuffled (per masked token, every masked token shown as <mask>), context_gain = loss_shuffled /
+    loss_intact, the embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init,
+    and for a masked-LM run frequency_entropy."""
     if not dc.ckpt:
         raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
     path = Path(dc.ckpt)

@@ -6,6 +6,7 @@ of the original token. No teacher is read. `python train.py --modality=text --ob
 recipe, so the two objectives can be compared at equal budget (README, "Position instead of content").
 RoBERTa's own LM head is dense -> GELU -> LayerNorm -> tied decoder + bias; data2vec's text head
 (Linear(C, 2C) -> GELU -> Linear(2C, C)) stands in for it here, so that the two models have the same weights.
+train.py still keeps and checkpoints its EMA teacher (the update is about 0.1 % of a step); nothing reads it.
 """
 
 import torch.nn.functional as F
@@ -15,6 +16,8 @@ from data2vec import Data2Vec, EMATeacher
 
 
 class MaskedLM(Data2Vec):
+    """Data2Vec's student, scored by masked-token cross-entropy instead of regression to teacher targets."""
+
     def forward(
         self,
         source: Tensor,
@@ -31,8 +34,8 @@ class MaskedLM(Data2Vec):
         """
         if student_source is None:
             raise ValueError("the masked language model reads BERT's corrupted ids (text only)")
-        _, padding_mask = self.embed(source, padding_mask)                      # (B, T)
-        xs = self.encoder.embed(student_source)[0]                              # (B, T, C)
+        # BERT masking never touches padding, so the corrupted ids pad where the source does
+        xs, padding_mask = self.embed(student_source, padding_mask)             # (B, T, C), (B, T)
         h, _ = self.student(self.encoder(xs, padding_mask), padding_mask)       # (B, T, C)
         pred = self.head(h[mask])                                               # (N, C)
         table = self.encoder.tokens.weight                                      # (V, C)

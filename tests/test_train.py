@@ -11,7 +11,7 @@ import torch
 
 import train
 from data2vec import EMATeacher
-from train import ROOT, Config, forward_backward, lr_at, parse_args, text_data_dir
+from train import Config, forward_backward, lr_at, parse_args, text_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--block_size=32", "--batch_size=4",
