@@ -1,13 +1,21 @@
-"""The paper's ablations (data2vec §5) at CPU scale: tiny vision pretraining runs on the embedded digits, each scored
-by a linear probe on the held-out digits. tests/test_ablations.py asserts the ones that show at this scale.
+"""The paper's ablations (data2vec §5) at CPU scale, on two tasks. tests/test_ablations.py asserts the ones that
+show at this scale.
 
     python ablations.py                                 # every setting, seeds 0-2 -> a markdown table
     python ablations.py --settings=ffn,attn --seeds=1   # some of them
     python ablations.py --settings=recipe,local --iters=600   # longer runs
+    python ablations.py --task=hmm --settings=recipe,k1,local   # the hidden Markov task
 
+digits: tiny vision pretraining runs on the embedded digits, each scored by a linear probe on the held-out digits.
 Each run is the small vision recipe shortened to 200 updates of 32 images (~45 s on one core), with the layer scale
 off: at 200 updates BEiT's 1e-4 layer scale keeps every block of the teacher close to the identity, so block, FFN
 and attention outputs all reduce to the patch embedding and no target variant can differ from another.
+
+hmm: sequences where context decides the answer. A hidden Markov chain of 32 states (each state's successor a fixed
+permutation, 10 % random jumps) emits token state // 2, so a token names its state only up to a pair and the state
+is read from the neighbours. A 4-block student (the text recipe's targets: FFN outputs, layer norm, Smooth L1 beta 4;
+RoBERTa embeddings, BERT masking) pretrains 600 updates of 32 sequences of 32 tokens (~25 s on 2 threads); a linear
+probe then reads the hidden state from its final output on intact sequences. The recipe averages all K = 4 blocks.
 """
 
 import contextlib
@@ -18,29 +26,39 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 import finetune
+from data2vec import Data2Vec, EMATeacher, TargetConfig, collapse_stat
+from encoders import TextEncoder
+from masking import bert_mask
 from train import PRESETS, Config, ConfigError, load_checkpoint, parse_overrides, train
+from transformer import TransformerConfig
 
 TINY = dict(PRESETS["vision"]["small"], modality="vision", max_iters=200, batch_size=32, log_interval=10,
             eval_interval=10**6, ckpt_interval=10**6, eval_iters=2, layer_scale=0.0)
 
-# name -> (what it is, train.py overrides)
+# name -> (what it is, train.py overrides; for the hmm task, TargetConfig overrides)
+RECIPES = {"digits": "block outputs, top K = 2 of 4 blocks (the vision recipe)",
+           "hmm": "FFN outputs, top K = 4 of 4 blocks (the text recipe's targets)"}
 SETTINGS: dict[str, tuple[str, dict]] = {
-    "recipe": ("block outputs, top K = 2 of 4 blocks (the vision recipe)", {}),
+    "recipe": ("the task's recipe", {}),
     "k1": ("top K = 1", dict(top_k=1)),
     "k4": ("top K = 4", dict(top_k=4)),
     "ffn": ("FFN outputs", dict(target_layer="ffn")),
     "attn": ("self-attention outputs", dict(target_layer="attn")),
-    "local": ("the teacher sees only the patch itself", dict(teacher_context=1)),
+    "local": ("the teacher sees only the step itself (a patch, a token)", dict(teacher_context=1)),
     "raw": ("no target normalisation", dict(target_norm="none", final_norm="none")),
 }
 
 
 @dataclass
 class AblationConfig:
+    task: str = "digits"                   # digits | hmm
     settings: str = ",".join(SETTINGS)   # comma-separated names of SETTINGS
     seeds: int = 3
-    iters: int = TINY["max_iters"]         # updates per pretraining run
+    iters: int = 0                         # updates per pretraining run; 0 = the task's (digits 200, hmm 600)
 
 
 def pretrain(out: Path, **overrides) -> dict:
@@ -57,6 +75,83 @@ def probe_accuracy(ckpt: Path, seed: int = 0) -> float:
         return finetune.run(fc)["accuracy"]
 
 
+# ---- the hidden Markov task --------------------------------------------------------------------------------------
+
+N_STATES, SEQ_LEN, BATCH = 32, 32, 32
+HMM_TARGETS = dict(top_k=4, target_layer="ffn", target_norm="layer", final_norm="none", loss_beta=4.0, loss_scale=False)
+
+
+def hidden_markov(successor: torch.Tensor, n: int, g: torch.Generator, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """n sequences of the chain: each state is successor[previous], or with probability noise a uniformly random
+    one. -> tokens (n, SEQ_LEN) = state // 2, states (n, SEQ_LEN)."""
+    states = torch.empty(n, SEQ_LEN, dtype=torch.long)
+    states[:, 0] = torch.randint(N_STATES, (n,), generator=g)
+    for i in range(1, SEQ_LEN):
+        jump = torch.rand(n, generator=g) < noise
+        states[:, i] = torch.where(jump, torch.randint(N_STATES, (n,), generator=g), successor[states[:, i - 1]])
+    return states // 2, states
+
+
+def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor,
+                 l2: float = 1e-3) -> float:
+    """Multinomial logistic regression on standardised features, fitted to convergence (L-BFGS) -> test accuracy."""
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-6
+    f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
+    w = torch.zeros(f_train.shape[1], int(y_train.max()) + 1, requires_grad=True)
+    b = torch.zeros(w.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(f_train @ w + b, y_train) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return ((f_test @ w + b).argmax(-1) == y_test).float().mean().item()
+
+
+def hmm_run(seed: int, iters: int = 600, lr: float = 2e-3, **overrides) -> dict:
+    """Pretrain the 4-block student on the hidden Markov task with HMM_TARGETS updated by overrides (TargetConfig
+    fields), then probe the hidden state from its final output. -> probe accuracy, min target_var (iters = 0: the
+    untrained student)."""
+    unknown = set(overrides) - set(TargetConfig.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"the hmm task sweeps only target settings, not {', '.join(sorted(unknown))}")
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(N_STATES, generator=g)
+    n_types = N_STATES // 2
+    pad, mask_id = n_types, n_types + 1
+    model = Data2Vec(TextEncoder(n_types + 2, 64, SEQ_LEN, pad, dropout=0.1),
+                     TransformerConfig(n_layer=4, dim=64, n_head=4, ffn_dim=256, dropout=0.1, attn_dropout=0.1),
+                     TargetConfig(**{**HMM_TARGETS, **overrides}), head_hidden=True)
+    teacher = EMATeacher(model.student, 0.99, 0.999, max(iters, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    target_var = []
+    for step in range(iters):
+        tokens, _ = hidden_markov(successor, BATCH, g)                                   # (B, T)
+        corrupted, mask = bert_mask(tokens, mask_id=mask_id, n_normal=n_types,
+                                    special=torch.zeros_like(tokens, dtype=torch.bool), generator=g)
+        loss, _, y = model(tokens, mask, teacher, student_source=corrupted)
+        opt.zero_grad()
+        (loss / mask.sum()).backward()
+        opt.step()
+        teacher.update(model.student, step)
+        target_var.append(collapse_stat(y))
+    model.eval()
+    features = []
+    with torch.no_grad():
+        for n in (2000, 1000):                                                           # probe train, test
+            tokens, states = hidden_markov(successor, n, g)
+            x, pad_mask = model.encoder.embed(tokens)                                    # (n, T, C)
+            h, _ = model.student(model.encoder(x, pad_mask), pad_mask)                   # (n, T, C)
+            # the first and last steps have one neighbour only
+            features += [h[:, 1:-1].reshape(-1, h.shape[-1]), states[:, 1:-1].reshape(-1)]
+    return dict(accuracy=linear_probe(*features), min_target_var=min(target_var, default=float("nan")))
+
+
 def main(argv: list[str]) -> int:
     try:
         ac = AblationConfig(**parse_overrides(AblationConfig, argv))
@@ -64,25 +159,33 @@ def main(argv: list[str]) -> int:
         unknown = [n for n in names if n not in SETTINGS]
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r}: choose from {', '.join(SETTINGS)}")
-        if ac.iters < 1 or ac.seeds < 1:
-            raise ConfigError("--iters and --seeds take a positive number")
+        if ac.task not in RECIPES:
+            raise ConfigError(f"unknown task {ac.task!r}: choose from {', '.join(RECIPES)}")
+        if ac.iters < 0 or ac.seeds < 1:
+            raise ConfigError("--iters and --seeds take a positive number (--iters=0: the task's default)")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    iters = ac.iters or (TINY["max_iters"] if ac.task == "digits" else 600)
     rows = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(ac.seeds):
             for name in names:
                 t0 = time.time()
-                run = pretrain(Path(tmp) / f"{name}{seed}", seed=seed, max_iters=ac.iters, **SETTINGS[name][1])
-                acc = probe_accuracy(run["path"], seed)
-                rows[name].append(acc)
-                print(f"{name:7s} seed {seed}: probe {acc:.3f}, min target_var {min(run['history']['target_var']):.3f} "
+                if ac.task == "hmm":
+                    run = hmm_run(seed, iters, **SETTINGS[name][1])
+                else:
+                    ckpt = pretrain(Path(tmp) / f"{name}{seed}", seed=seed, max_iters=iters, **SETTINGS[name][1])
+                    run = dict(accuracy=probe_accuracy(ckpt["path"], seed),
+                               min_target_var=min(ckpt["history"]["target_var"]))
+                rows[name].append(run["accuracy"])
+                print(f"{name:7s} seed {seed}: probe {run['accuracy']:.3f}, min target_var {run['min_target_var']:.3f} "
                       f"({time.time() - t0:.0f} s)", flush=True)
-    print("\n| setting | " + " | ".join(f"seed {s}" for s in range(ac.seeds)) + " |")
+    print(f"\n| {ac.task}, {iters} updates | " + " | ".join(f"seed {s}" for s in range(ac.seeds)) + " |")
     print("|---|" + "---|" * ac.seeds)
     for name in names:
-        print(f"| {SETTINGS[name][0]} | " + " | ".join(f"{a:.3f}" for a in rows[name]) + " |")
+        what = RECIPES[ac.task] if name == "recipe" else SETTINGS[name][0]
+        print(f"| {what} | " + " | ".join(f"{a:.3f}" for a in rows[name]) + " |")
     return 0
 
 
