@@ -7,6 +7,7 @@ import torch
 from data2vec import TargetConfig
 from encoders import TextEncoder
 from mlm import MaskedLM
+from test_data2vec import tiny_batch           # 3 sequences, one padded, 2 masked steps each
 from transformer import TransformerConfig
 
 
@@ -15,16 +16,6 @@ def tiny_mlm() -> MaskedLM:
     enc = TextEncoder(vocab_size=50, dim=16, max_len=12, pad_id=1, dropout=0.0)
     cfg = TransformerConfig(n_layer=2, dim=16, n_head=2, ffn_dim=32, dropout=0.0, attn_dropout=0.0)
     return MaskedLM(enc, cfg, TargetConfig(), head_hidden=True)
-
-
-def tiny_batch() -> dict:
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(4, 50, (3, 10), generator=g)                 # (B, T)
-    tokens[1, 7:] = 1                                                    # padding
-    mask = torch.zeros(3, 10, dtype=torch.bool)
-    mask[0, [2, 5]] = mask[1, [1, 3]] = mask[2, [0, 9]] = True
-    corrupted = torch.where(mask, torch.full_like(tokens, 3), tokens)
-    return dict(source=tokens, mask=mask, student_source=corrupted)
 
 
 def test_loss_is_the_cross_entropy_of_the_masked_tokens():
