@@ -75,21 +75,53 @@ def probe_accuracy(ckpt: Path, seed: int = 0) -> float:
         return finetune.run(fc)["accuracy"]
 
 
-# ---- the hidden Markov task --------------------------------------------------------------------------------------
+# ---- the hidden Markov task (and the sequence pieces tests/test_context.py shares) ----------------------------------
 
-N_STATES, SEQ_LEN, BATCH = 32, 32, 32
+N_STATES, SEQ_LEN, BATCH, HMM_ITERS = 32, 32, 32, 600
 HMM_TARGETS = dict(top_k=4, target_layer="ffn", target_norm="layer", final_norm="none", loss_beta=4.0, loss_scale=False)
 
 
-def hidden_markov(successor: torch.Tensor, n: int, g: torch.Generator, noise: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """n sequences of the chain: each state is successor[previous], or with probability noise a uniformly random
-    one. -> tokens (n, SEQ_LEN) = state // 2, states (n, SEQ_LEN)."""
-    states = torch.empty(n, SEQ_LEN, dtype=torch.long)
-    states[:, 0] = torch.randint(N_STATES, (n,), generator=g)
-    for i in range(1, SEQ_LEN):
+def markov_chain(successor: torch.Tensor, n: int, length: int, g: torch.Generator, noise: float = 0.1) -> torch.Tensor:
+    """(n, length) ids: each is successor[previous], or with probability noise a uniformly random one."""
+    ids = torch.empty(n, length, dtype=torch.long)
+    ids[:, 0] = torch.randint(len(successor), (n,), generator=g)
+    for i in range(1, length):
         jump = torch.rand(n, generator=g) < noise
-        states[:, i] = torch.where(jump, torch.randint(N_STATES, (n,), generator=g), successor[states[:, i - 1]])
-    return states // 2, states
+        ids[:, i] = torch.where(jump, torch.randint(len(successor), (n,), generator=g), successor[ids[:, i - 1]])
+    return ids
+
+
+def sequence_student(n_types: int, seq_len: int, n_layer: int, targets: TargetConfig) -> Data2Vec:
+    """A width-64 text student over ids 0 .. n_types - 1, with <pad> = n_types and <mask> = n_types + 1."""
+    return Data2Vec(TextEncoder(n_types + 2, 64, seq_len, n_types, dropout=0.1),
+                    TransformerConfig(n_layer=n_layer, dim=64, n_head=4, ffn_dim=256, dropout=0.1, attn_dropout=0.1),
+                    targets, head_hidden=True)
+
+
+def masked_loss(model: Data2Vec, teacher: EMATeacher, tokens: torch.Tensor,
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT-mask tokens (B, T) with g -> (loss per masked step, the targets (N, C))."""
+    n_types = model.encoder.pad_id
+    corrupted, mask = bert_mask(tokens, mask_id=n_types + 1, n_normal=n_types,
+                                special=torch.zeros_like(tokens, dtype=torch.bool), generator=g)
+    loss, _, y = model(tokens, mask, teacher, student_source=corrupted)
+    return loss / mask.sum(), y
+
+
+def pretrain_sequences(model: Data2Vec, sample, iters: int, lr: float,
+                       g: torch.Generator) -> tuple[EMATeacher, list[float]]:
+    """iters updates of the text recipe's optimiser on batches sample() -> (teacher, target_var per update)."""
+    teacher = EMATeacher(model.student, 0.99, 0.999, max(iters, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    target_var = []
+    for step in range(iters):
+        loss, y = masked_loss(model, teacher, sample(), g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        teacher.update(model.student, step)
+        target_var.append(collapse_stat(y))
+    return teacher, target_var
 
 
 def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Tensor, y_test: torch.Tensor,
@@ -112,7 +144,7 @@ def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Ten
         return ((f_test @ w + b).argmax(-1) == y_test).float().mean().item()
 
 
-def hmm_run(seed: int, iters: int = 600, lr: float = 2e-3, **overrides) -> dict:
+def hmm_run(seed: int, iters: int = HMM_ITERS, lr: float = 2e-3, **overrides) -> dict:
     """Pretrain the 4-block student on the hidden Markov task with HMM_TARGETS updated by overrides (TargetConfig
     fields), then probe the hidden state from its final output. -> probe accuracy, min target_var (iters = 0: the
     untrained student)."""
@@ -122,30 +154,15 @@ def hmm_run(seed: int, iters: int = 600, lr: float = 2e-3, **overrides) -> dict:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     successor = torch.randperm(N_STATES, generator=g)
-    n_types = N_STATES // 2
-    pad, mask_id = n_types, n_types + 1
-    model = Data2Vec(TextEncoder(n_types + 2, 64, SEQ_LEN, pad, dropout=0.1),
-                     TransformerConfig(n_layer=4, dim=64, n_head=4, ffn_dim=256, dropout=0.1, attn_dropout=0.1),
-                     TargetConfig(**{**HMM_TARGETS, **overrides}), head_hidden=True)
-    teacher = EMATeacher(model.student, 0.99, 0.999, max(iters, 1))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
-    target_var = []
-    for step in range(iters):
-        tokens, _ = hidden_markov(successor, BATCH, g)                                   # (B, T)
-        corrupted, mask = bert_mask(tokens, mask_id=mask_id, n_normal=n_types,
-                                    special=torch.zeros_like(tokens, dtype=torch.bool), generator=g)
-        loss, _, y = model(tokens, mask, teacher, student_source=corrupted)
-        opt.zero_grad()
-        (loss / mask.sum()).backward()
-        opt.step()
-        teacher.update(model.student, step)
-        target_var.append(collapse_stat(y))
+    model = sequence_student(N_STATES // 2, SEQ_LEN, n_layer=4, targets=TargetConfig(**{**HMM_TARGETS, **overrides}))
+    # a token is its state // 2: it names the state up to a pair
+    _, target_var = pretrain_sequences(model, lambda: markov_chain(successor, BATCH, SEQ_LEN, g) // 2, iters, lr, g)
     model.eval()
     features = []
     with torch.no_grad():
         for n in (2000, 1000):                                                           # probe train, test
-            tokens, states = hidden_markov(successor, n, g)
-            x, pad_mask = model.encoder.embed(tokens)                                    # (n, T, C)
+            states = markov_chain(successor, n, SEQ_LEN, g)                              # (n, T)
+            x, pad_mask = model.encoder.embed(states // 2)                               # (n, T, C)
             h, _ = model.student(model.encoder(x, pad_mask), pad_mask)                   # (n, T, C)
             # the first and last steps have one neighbour only
             features += [h[:, 1:-1].reshape(-1, h.shape[-1]), states[:, 1:-1].reshape(-1)]
@@ -166,7 +183,7 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    iters = ac.iters or (TINY["max_iters"] if ac.task == "digits" else 600)
+    iters = ac.iters or (TINY["max_iters"] if ac.task == "digits" else HMM_ITERS)
     rows = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(ac.seeds):
