@@ -93,7 +93,7 @@ class Config:
     loss_beta: float = 4.0      # 0 = squared error, > 0 = Smooth L1 with this beta
     loss_scale: bool = False    # scale the loss by 1/sqrt(C)
     teacher_context: int = 0    # 0 = the teacher sees the whole input; w > 0 = each step a window of w steps around it
-    objective: str = "data2vec"  # data2vec | mlm (text only: the masked language model baseline of mlm.py, no teacher)
+    objective: str = "data2vec"  # data2vec | mlm (text only: mlm.py's masked-LM baseline; the EMA teacher is kept, unread)
     # EMA teacher: tau from tau_0 to tau_e over tau_n updates
     tau_0: float = 0.99
     tau_e: float = 0.999

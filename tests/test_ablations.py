@@ -43,7 +43,7 @@ def test_averaging_the_top_k_blocks_beats_the_top_block_alone():
     vs the top block only (K = 1), the same seed on both sides (same initialisation, batches and masks). Measured with
     `python ablations.py --task=hmm --settings=recipe,k1 --seeds=6` (2-core AMD EPYC, 2 threads, ~25 s a run):
     K = 4: 0.637, 0.537, 0.672, 0.805, 0.634, 0.743; K = 1: 0.577, 0.454, 0.533, 0.715, 0.638, 0.704 (seeds 0-5;
-    an untrained student 0.507-0.547). Per seed the gap is -0.004 to +0.140; over seeds 0 and 1, asserted here, 0.071.
+    an untrained student 0.507-0.547). Per seed the gap is -0.004 to +0.139; over seeds 0 and 1, asserted here, 0.071.
     Forcing K = 1 on both sides makes the gap exactly 0 (the runs are deterministic) and fails the assertion."""
     k4 = sum(ablations.hmm_run(seed, top_k=4)["accuracy"] for seed in (0, 1)) / 2
     k1 = sum(ablations.hmm_run(seed, top_k=1)["accuracy"] for seed in (0, 1)) / 2
