@@ -152,6 +152,15 @@ class Data2Vec(nn.Module):
             padding_mask = F.pad(padding_mask, (prefix, 0), value=False)        # (B, T')
         return x, padding_mask
 
+    def masked_rows(self, mask: Tensor) -> Tensor:
+        """mask: (B, T) bool over feature steps -> (N,) rows of the masked steps in the flattened (B * T', C)
+        features, T' = n_prefix + T, in the order of boolean indexing. train.py computes them on the CPU, where the
+        masks are drawn: on a GPU, mask.nonzero() would make the host wait for the device twice a micro-step."""
+        B, T = mask.shape
+        b, t = mask.nonzero(as_tuple=True)                                      # (N,), (N,)
+        prefix = self.encoder.n_prefix
+        return b * (prefix + T) + prefix + t
+
     @torch.no_grad()
     def teacher_targets(self, teacher: EMATeacher, x: Tensor, padding_mask: Tensor | None) -> Tensor:
         """The teacher reads the unmasked features through the (shared) encoder tail, in eval mode like the teacher
@@ -174,9 +183,11 @@ class Data2Vec(nn.Module):
         teacher: EMATeacher,
         padding_mask: Tensor | None = None,
         student_source: Tensor | None = None,
+        mask_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """source: the raw batch (tokens, images or waveforms); mask: (B, T) bool over feature steps, True = masked.
         student_source: text only, BERT's corrupted ids (the student embeds them instead of a mask embedding).
+        mask_rows: masked_rows(mask), precomputed; None = computed here.
 
         Returns (loss summed over masked steps, predictions (N, C), targets (N, C)) with N = mask.sum();
         train.py divides the sum by the masked-step count of the whole global batch (SPEC §1.6).
@@ -186,11 +197,11 @@ class Data2Vec(nn.Module):
             xs = self.encoder.embed(student_source)[0]
         else:
             xs = self.encoder.apply_mask(x, mask)
-        mask = F.pad(mask, (self.encoder.n_prefix, 0), value=False)             # (B, T')
+        rows = self.masked_rows(mask) if mask_rows is None else mask_rows       # (N,)
 
-        y = self.teacher_targets(teacher, x, padding_mask)[mask]               # (N, C)
+        y = self.teacher_targets(teacher, x, padding_mask).flatten(0, 1)[rows]  # (N, C)
         h, _ = self.student(self.encoder(xs, padding_mask), padding_mask)      # (B, T', C)
-        pred = self.head(h[mask])                                               # (N, C)
+        pred = self.head(h.flatten(0, 1)[rows])                                 # (N, C)
         loss = regression_loss(pred, y, self.targets.loss_beta, self.targets.loss_scale)
         return loss, pred.detach(), y
 

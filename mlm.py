@@ -25,8 +25,10 @@ class MaskedLM(Data2Vec):
         teacher: EMATeacher | None = None,
         padding_mask: Tensor | None = None,
         student_source: Tensor | None = None,
+        mask_rows: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """source: (B, T) token ids; mask: (B, T) bool, True = masked; student_source: BERT's corrupted ids.
+        """source: (B, T) token ids; mask: (B, T) bool, True = masked; student_source: BERT's corrupted ids;
+        mask_rows: as in Data2Vec.forward.
 
         Returns (cross-entropy summed over masked steps, predictions (N, C), the embeddings of the masked tokens
         (N, C)) with N = mask.sum(), the same contract as Data2Vec.forward, so train.py's loop and collapse monitors
@@ -37,8 +39,10 @@ class MaskedLM(Data2Vec):
         # BERT masking never touches padding, so the corrupted ids pad where the source does
         xs, padding_mask = self.embed(student_source, padding_mask)             # (B, T, C), (B, T)
         h, _ = self.student(self.encoder(xs, padding_mask), padding_mask)       # (B, T, C)
-        pred = self.head(h[mask])                                               # (N, C)
+        rows = self.masked_rows(mask) if mask_rows is None else mask_rows       # (N,)
+        pred = self.head(h.flatten(0, 1)[rows])                                 # (N, C)
+        answers = source.flatten()[rows]                                        # (N,)
         table = self.encoder.tokens.weight                                      # (V, C)
         logits = pred.float() @ table.float().t()                               # (N, V)
-        loss = F.cross_entropy(logits, source[mask], reduction="sum")
-        return loss, pred.detach(), table[source[mask]].detach()
+        loss = F.cross_entropy(logits, answers, reduction="sum")
+        return loss, pred.detach(), table[answers].detach()

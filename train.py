@@ -595,7 +595,9 @@ def train(cfg: Config) -> Path:
 
     def batch(split: str, step: int, index: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(batch_seed(cfg.seed, step, index))
-        return {k: v.to(device, non_blocking=True) for k, v in task.batch(split, g).items()}
+        b = task.batch(split, g)
+        b["mask_rows"] = raw_model.masked_rows(b["mask"])          # on the CPU: the forward pass never waits
+        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
 
     @torch.no_grad()
     def evaluate() -> float:

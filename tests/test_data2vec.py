@@ -87,6 +87,16 @@ def test_loss_and_gradients_touch_masked_steps_only():
     assert grad[~b["mask"]].abs().sum() == 0
 
 
+def test_precomputed_mask_rows_change_nothing():
+    """train.py hands the forward pass the masked rows computed on the CPU; the result is the boolean-mask one."""
+    model, teacher = tiny_model()
+    b = tiny_batch()
+    rows = model.masked_rows(b["mask"])
+    assert torch.equal(rows, b["mask"].flatten().nonzero().squeeze(1))
+    for got, want in zip(model(**b, teacher=teacher, mask_rows=rows), model(**b, teacher=teacher)):
+        assert torch.equal(got, want)
+
+
 def test_loss_formula():
     pred, y = torch.randn(5, 16) * 3, torch.randn(5, 16)
     model, teacher = tiny_model()

@@ -56,6 +56,8 @@ def test_targets_are_the_masked_patches_and_never_cls():
     mask = block_mask(2, (4, 4), ratio=0.5, generator=torch.Generator().manual_seed(1))   # (2, 16)
     loss, pred, y = model(images, mask, teacher)
     assert pred.shape == y.shape == (int(mask.sum()), 16)
+    # the masked rows of the flattened (B * (1 + T)) steps skip each image's CLS
+    assert torch.equal(model.masked_rows(mask), torch.cat([mask.new_zeros(2, 1), mask], 1).flatten().nonzero()[:, 0])
 
     x, _ = model.encoder.embed(images)
     _, layers = teacher.model(model.encoder(x), target_layer="block")        # clean input, CLS first
