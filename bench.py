@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from data2vec import EMATeacher
-from train import TASKS, ConfigError, forward_backward, parse_args, setup_system
+from train import TASKS, ConfigError, device_batch, forward_backward, parse_args, setup_system
 
 # Dense bf16 tensor-core peak FLOP/s by device name (vendor data sheets; SXM parts unless named)
 GPU_PEAK = {
@@ -76,12 +76,8 @@ def main(argv: list[str]) -> int:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     run_model = torch.compile(model) if cfg.compile else model
-    batches = []
-    for i in range(4):
-        micro = [task.batch("train", torch.Generator().manual_seed(i * 100 + m)) for m in range(cfg.grad_accum)]
-        for b in micro:
-            b["mask_rows"] = model.masked_rows(b["mask"])                     # on the CPU, as train.py does
-        batches.append([{k: v.to(device) for k, v in b.items()} for b in micro])
+    batches = [[device_batch(task, model, "train", torch.Generator().manual_seed(i * 100 + m), device)
+                for m in range(cfg.grad_accum)] for i in range(4)]
 
     def step(i: int) -> None:
         forward_backward(run_model, teacher, batches[i % len(batches)], 1, scaler, autocast)

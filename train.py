@@ -390,6 +390,15 @@ def batch_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step) * 10_007 + index
 
 
+def device_batch(task: TextTask | VisionTask | SpeechTask, model: Data2Vec, split: str, generator: torch.Generator,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """One micro-batch of the task on the device, with the masked rows (model.masked_rows) computed on the CPU where
+    the mask was drawn, so the forward pass never waits for the device to find them."""
+    b = task.batch(split, generator)
+    b["mask_rows"] = model.masked_rows(b["mask"])                                                  # (N,)
+    return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+
+
 # -----------------------------------------------------------------------------
 # schedules (pure functions of the step)
 
@@ -595,9 +604,7 @@ def train(cfg: Config) -> Path:
 
     def batch(split: str, step: int, index: int) -> dict[str, torch.Tensor]:
         g = torch.Generator().manual_seed(batch_seed(cfg.seed, step, index))
-        b = task.batch(split, g)
-        b["mask_rows"] = raw_model.masked_rows(b["mask"])          # on the CPU: the forward pass never waits
-        return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        return device_batch(task, raw_model, split, g, device)
 
     @torch.no_grad()
     def evaluate() -> float:

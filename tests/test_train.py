@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import bench
 import train
 from data2vec import EMATeacher
 from train import Config, forward_backward, lr_at, parse_args, text_data_dir
@@ -198,3 +199,11 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
     assert len(one["loss"]) == len(two["loss"]) == 20
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
     assert one["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-4)
+
+
+def test_bench_times_the_training_step(corpus, capsys):
+    """bench.py builds its micro-batches the way train.py does (device_batch) and reports throughput, MFU, EMA share."""
+    assert bench.main([*TINY, f"--data={corpus}", "--max_iters=2", "--grad_accum=2"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    mfu = float(last.split("MFU ")[1].split(" %")[0])
+    assert "tokens/s" in last and "of the step" in last and 0 < mfu < 100, last
