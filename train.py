@@ -396,7 +396,9 @@ def device_batch(task: TextTask | VisionTask | SpeechTask, model: Data2Vec, spli
     the mask was drawn, so the forward pass never waits for the device to find them."""
     b = task.batch(split, generator)
     b["mask_rows"] = model.masked_rows(b["mask"])                                                  # (N,)
-    return {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
+    torch._dynamo.mark_dynamic(b["mask_rows"], 0)          # N varies: torch.compile compiles one graph for any N
+    return b
 
 
 # -----------------------------------------------------------------------------
