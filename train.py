@@ -396,6 +396,9 @@ def device_batch(task: TextTask | VisionTask | SpeechTask, model: Data2Vec, spli
     the mask was drawn, so the forward pass never waits for the device to find them."""
     b = task.batch(split, generator)
     b["mask_rows"] = model.masked_rows(b["mask"])                                                  # (N,)
+    if device.type == "cuda":
+        # from pinned memory the copy is queued behind the device's work instead of waiting for it to finish
+        b = {k: v.pin_memory() for k, v in b.items()}
     b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
     torch._dynamo.mark_dynamic(b["mask_rows"], 0)          # N varies: torch.compile compiles one graph for any N
     return b
@@ -608,6 +611,10 @@ def train(cfg: Config) -> Path:
         g = torch.Generator().manual_seed(batch_seed(cfg.seed, step, index))
         return device_batch(task, raw_model, split, g, device)
 
+    def draw(at: int) -> list[dict[str, torch.Tensor]]:
+        """This process's micro-batches of update `at`."""
+        return [batch("train", at, rank * micro + m) for m in range(micro)]
+
     @torch.no_grad()
     def evaluate() -> float:
         model.eval()
@@ -634,6 +641,7 @@ def train(cfg: Config) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     t_start, t_last, last_step = time.time(), time.time(), step
+    batches = draw(step)
     while step < cfg.max_iters:
         if step % cfg.eval_interval == 0:
             ev = evaluate()
@@ -644,7 +652,6 @@ def train(cfg: Config) -> Path:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = [batch("train", step, rank * micro + m) for m in range(micro)]
         loss_sum, n_masked, preds, targets = forward_backward(model, teacher, batches, world, scaler, autocast)
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
@@ -654,6 +661,8 @@ def train(cfg: Config) -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         teacher.update(raw_model.student, step)
+        if step < cfg.max_iters:
+            batches = draw(step)        # on the CPU while the device still works through this step's queue
 
         loss_value = (loss_sum / n_masked).item()
         if not math.isfinite(loss_value):
