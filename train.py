@@ -72,6 +72,9 @@ class Config:
     vocab_size: int = 8192      # BPE types trained on the corpus when GPT-2's files are not cached
     tokenizer: str = "auto"     # auto (gpt2 if cached, else bpe) | gpt2 | bpe
     mask_prob: float = 0.15     # text: BERT's fraction of tokens; speech: span-start prob x mask_span (fairseq's 0.65)
+    mask_span: int = 1          # steps per masked span (text: 1 = BERT's single tokens; speech: frames, 10)
+    mask_replace: float = 0.8   # text: of the masked tokens, the share replaced by <mask> (BERT: 0.8) ...
+    mask_random: float = 0.1    # ... and the share replaced by a random token (BERT: 0.1); the rest stay unchanged
     # vision (VisionTask)
     img_size: int = 32          # images are resized to img_size^2 (the digits are 8x8, upsampled)
     patch_size: int = 4         # img_size / patch_size patches per side (224 / 16 = 14, SPEC §2)
@@ -84,7 +87,6 @@ class Config:
     pos_conv_kernel: int = 19
     pos_conv_groups: int = 16
     max_samples: int = 320_000  # longer utterances are randomly cropped to this many samples (20 s at 16 kHz)
-    mask_span: int = 10         # frames per masked span; a frame starts one with p = mask_prob / mask_span
     # targets and loss (data2vec.TargetConfig)
     top_k: int = 3
     target_layer: str = "ffn"   # ffn | block | attn
@@ -245,6 +247,12 @@ def parse_args(argv: list[str]) -> Config:
         raise ConfigError(f"unknown --objective={cfg.objective}: use data2vec or mlm")
     if cfg.objective == "mlm" and cfg.modality != "text":
         raise ConfigError("--objective=mlm is the text baseline (token cross-entropy); use it with --modality=text")
+    if cfg.mask_span < 1 or not 0 < cfg.mask_prob <= 1:
+        raise ConfigError(f"--mask_prob={cfg.mask_prob} --mask_span={cfg.mask_span}: need 0 < mask_prob <= 1 and a "
+                          f"span of at least 1 step")
+    if min(cfg.mask_replace, cfg.mask_random) < 0 or cfg.mask_replace + cfg.mask_random > 1:
+        raise ConfigError(f"--mask_replace={cfg.mask_replace} --mask_random={cfg.mask_random}: shares of the masked "
+                          f"tokens, each >= 0 and together <= 1 (BERT: 0.8 and 0.1)")
     if not cfg.out_dir:
         cfg.out_dir = f"out-{cfg.modality}"
     return cfg
@@ -280,7 +288,8 @@ class TextTask:
         tokens = d.batch(split, self.cfg.batch_size, generator)                              # (B, T)
         special = d.special(tokens)                                                          # (B, T)
         student, mask = bert_mask(tokens, mask_id=d.mask_id, n_normal=d.n_normal, special=special,
-                                  generator=generator, prob=self.cfg.mask_prob)
+                                  generator=generator, prob=self.cfg.mask_prob, span=self.cfg.mask_span,
+                                  replace_prob=self.cfg.mask_replace, random_prob=self.cfg.mask_random)
         return dict(source=tokens, mask=mask, student_source=student)
 
 

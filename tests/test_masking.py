@@ -1,7 +1,9 @@
-"""BERT masking statistics over many draws (SPEC §2: 15 % of real tokens; 80 % <mask>, 10 % random, 10 % kept)."""
+"""BERT masking statistics over many draws (SPEC §2: 15 % of real tokens; 80 % <mask>, 10 % random, 10 % kept), and
+its span variant (data2vec's released text config: spans of 4 tokens, 35 %, all <mask>) against a naive expansion."""
 
 import torch
 
+import masking
 from masking import bert_mask
 
 MASK_ID, N_NORMAL = 1003, 1000
@@ -48,3 +50,31 @@ def test_pure_function_of_generator():
     c = draw(B=8, seed=4)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[3], c[3])
+
+
+def test_spans_match_a_naive_expansion():
+    """Each chosen start masks itself and the span - 1 tokens after it, never a special token: checked against a
+    loop over the same starts (same generator state)."""
+    tokens, special, _, _ = draw(B=64)
+    g = torch.Generator().manual_seed(5)
+    student, mask = bert_mask(tokens, mask_id=MASK_ID, n_normal=N_NORMAL, special=special, generator=g,
+                              prob=0.35, span=4, replace_prob=1.0, random_prob=0.0)
+    starts = masking._choose(~special, 0.35 / 4, torch.Generator().manual_seed(5))
+    expected = torch.zeros_like(mask)
+    for b, t in starts.nonzero().tolist():
+        expected[b, t:t + 4] = True
+    expected &= ~special
+    assert torch.equal(mask, expected)
+    assert (student[mask] == MASK_ID).all()                   # replace_prob 1: every masked token is <mask>
+    assert torch.equal(student[~mask], tokens[~mask])
+
+
+def test_span_fraction():
+    """Starts at 0.35 / 4 of the tokens, spans of 4 merging where they overlap: 1 - (1 - 0.0875)^4 = 30.7 % masked."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, N_NORMAL, (400, 512), generator=g)
+    special = torch.zeros_like(tokens, dtype=torch.bool)
+    special[:, 0] = special[:, -1] = True
+    _, mask = bert_mask(tokens, mask_id=MASK_ID, n_normal=N_NORMAL, special=special, generator=g, prob=0.35, span=4)
+    frac = mask.sum() / (~special).sum()
+    assert abs(frac - (1 - (1 - 0.35 / 4) ** 4)) < 0.005

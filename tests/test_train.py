@@ -56,6 +56,8 @@ def test_preset_then_overrides():
     (["n_layer=3"], "settings look like --key=value"),
     (["--objective=mae"], "use data2vec or mlm"),
     (["--modality=vision", "--objective=mlm"], "use it with --modality=text"),
+    (["--mask_replace=0.95"], "together <= 1"),
+    (["--mask_span=0"], "a span of at least 1 step"),
 ])
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
