@@ -3,6 +3,7 @@
     python finetune.py --modality=text --init_from=out-text/ckpt.pt                 # full fine-tune
     python finetune.py --modality=text --init_from=out-text/ckpt.pt --mode=probe    # linear probe, frozen encoder
     python finetune.py --modality=text --init_from=random                           # same model, no pretraining
+    python finetune.py --modality=text --init_from=bag --mode=probe                 # no encoder: word counts
     python finetune.py --modality=text --init_from=out-text/ckpt.pt --train=SST-2/train.tsv --test=SST-2/dev.tsv
 
     python finetune.py --modality=vision --init_from=out-vision/ckpt.pt --label_fraction=0.1    # 10 % of the labels
@@ -47,7 +48,8 @@ from transformer import Transformer
 class FinetuneConfig:
     modality: str = "text"
     init_from: str = ""         # a train.py checkpoint (out-text/ckpt.pt), "random", or an official one (hf.py):
-                                # a save_pretrained folder or a hub name (facebook/data2vec-audio-base)
+                                # a save_pretrained folder or a hub name (facebook/data2vec-audio-base);
+                                # text probe only: "bag", the passage's token counts with no encoder (a reference)
     preset: str = "small"       # with --init_from=random: the architecture to build
     mode: str = "finetune"      # finetune (all weights) | probe (frozen encoder, linear classifier)
     train: str = ""             # '' = the default task; else a TSV file `sentence<TAB>label`
@@ -104,6 +106,21 @@ class Classifier(nn.Module):
         return self.head(self.features(source))                         # (B, classes)
 
 
+class BagOfTokens(nn.Module):
+    """The text probe's reference without an encoder: log(1 + count) of each normal token type in the passage
+    (special tokens and padding, ids >= n_types, left out): what a linear classifier reads from word choice alone."""
+
+    def __init__(self, n_types: int):
+        super().__init__()
+        self.n_types = n_types
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.clamp(max=self.n_types)                            # (B, T) every special id -> one spare column
+        counts = torch.zeros(tokens.shape[0], self.n_types + 1, device=tokens.device)             # (B, n_types + 1)
+        counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
+        return counts[:, :-1].log1p()                                   # (B, n_types)
+
+
 def roberta_head(dim: int, n_classes: int, dropout: float) -> nn.Module:
     """RoBERTa's sentence head: dropout, dense, tanh, dropout, out."""
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, dim), nn.Tanh(), nn.Dropout(dropout),
@@ -114,7 +131,7 @@ def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
     """The pretraining config (architecture and data) and weights of --init_from, read once: `encoder.*` and
     `transformer.*` (plus an official checkpoint's task head, `lm_head.*` or `head.*`); for random weights, the
     preset's config and None."""
-    if fc.init_from == "random":
+    if fc.init_from in ("random", "bag"):
         return Config(**{**PRESETS[fc.modality][fc.preset], "modality": fc.modality}), None
     if hf.is_hf_source(fc.init_from):
         model = hf.from_pretrained(fc.init_from)
@@ -179,6 +196,9 @@ def run(fc: FinetuneConfig) -> dict:
         raise ConfigError(f"--mode={fc.mode}: use finetune or probe")
     if fc.modality not in RUNNERS:
         raise ConfigError(f"unknown modality {fc.modality!r}: choose one of {', '.join(RUNNERS)}")
+    if fc.init_from == "bag" and (fc.modality, fc.mode) != ("text", "probe"):
+        raise ConfigError("--init_from=bag (token counts, no encoder) is a reference for the text probe: pass "
+                          "--modality=text --mode=probe")
     cfg, state = pretrained(fc)
     _, _, device, dtype = setup_system(Config(device=fc.device, dtype=fc.dtype))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -219,6 +239,10 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
     x_train, x_test = encode(tr_text), encode(te_text)                 # (N, T)
     keep = subset(y_train, fc.label_fraction, fc.seed)
     x_train, y_train = x_train[keep], y_train[keep]
+    if fc.init_from == "bag":
+        torch.manual_seed(fc.seed)                                       # the probe's initial weights
+        return fit_and_test(BagOfTokens(task.data.n_normal), fc, (x_train, y_train), (x_test, y_test), autocast,
+                            view=lambda x, g: x.to(device), classes=classes, device=device)
     encoder, transformer = init_student(fc, build, state)
     # fine-tuning: RoBERTa's head on <s>. The probe averages the tokens instead: data2vec regresses targets at masked
     # tokens only, so nothing trains <s>'s output to summarise the passage (measured on the genre task, 100 % of
@@ -226,7 +250,7 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
     pool = "mean" if fc.mode == "probe" else "first"
     model = Classifier(encoder, transformer, roberta_head(cfg.dim, len(classes), fc.dropout), pool)
     return fit_and_test(model.to(device), fc, (x_train, y_train), (x_test, y_test), autocast,
-                        view=lambda x, g: x.to(device), classes=classes)
+                        view=lambda x, g: x.to(device), classes=classes, device=device)
 
 
 def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device, autocast) -> dict:
@@ -244,14 +268,14 @@ def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     model = Classifier(encoder, transformer, head, "mean")
     # fine-tuning sees augmented training images (the generator given); the probe and the test, plain ones
     return fit_and_test(model.to(device), fc, (x_train, y_train), (data.images["test"], data.labels["test"]),
-                        autocast, view=lambda x, g: data.view(x, g).to(device), classes=data.class_names)
+                        autocast, view=lambda x, g: data.view(x, g).to(device), classes=data.class_names, device=device)
 
 
-def fit_and_test(model: Classifier, fc: FinetuneConfig, train: tuple, test: tuple, autocast, view, classes: list) -> dict:
+def fit_and_test(model: Classifier | BagOfTokens, fc: FinetuneConfig, train: tuple, test: tuple, autocast, view,
+                 classes: list, device: torch.device) -> dict:
     """Probe or fine-tune on train = (inputs, labels), report top-1 accuracy on test. view(inputs, generator) turns
     stored inputs into a model batch on the device (augmented when a generator is given)."""
     (x_train, y_train), (x_test, y_test) = train, test
-    device = next(model.parameters()).device
     print(f"{fc.mode} on {len(x_train)} training / {len(x_test)} test examples, {len(classes)} classes "
           f"{classes[:10]}, encoder from {fc.init_from}")
     fit = probe if fc.mode == "probe" else finetune
@@ -260,7 +284,7 @@ def fit_and_test(model: Classifier, fc: FinetuneConfig, train: tuple, test: tupl
     return dict(accuracy=acc, n_train=len(x_train), n_test=len(x_test))
 
 
-def probe(model: Classifier, fc: FinetuneConfig, x_train, y_train, x_test, y_test, autocast, view) -> float:
+def probe(model: Classifier | BagOfTokens, fc: FinetuneConfig, x_train, y_train, x_test, y_test, autocast, view) -> float:
     """Linear probe: features of the frozen encoder, computed once, standardised, then a logistic regression."""
     model.eval()
     with torch.no_grad(), autocast:

@@ -52,6 +52,21 @@ def test_bad_input(pretrained, tmp_path, capsys):
     assert "text checkpoint" in capsys.readouterr().err
     assert finetune.main(["--init_from=random", "--mode=linear"]) == 1
     assert "--mode=linear" in capsys.readouterr().err
+    assert finetune.main(["--init_from=bag"]) == 1
+    assert "reference for the text probe" in capsys.readouterr().err
+
+
+def test_bag_of_tokens_counts_normal_tokens():
+    """The no-encoder reference: log(1 + count) per normal type, against collections.Counter; special ids
+    (>= n_types: <s>, </s>, <pad>, <mask>) are not counted."""
+    from collections import Counter
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 24, (5, 40), generator=g)                # ids 20-23 play the special tokens
+    features = finetune.BagOfTokens(20).features(tokens)               # (5, 20)
+    for row, f in zip(tokens.tolist(), features):
+        counts = Counter(t for t in row if t < 20)
+        expected = torch.tensor([float(counts[t]) for t in range(20)]).log1p()
+        torch.testing.assert_close(f, expected)
 
 
 def test_label_subset_is_stratified():
