@@ -485,6 +485,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def saved_config(config: dict) -> Config:
+    """The Config a checkpoint was trained with. Checkpoints from before text span masking (no mask_replace) hold
+    mask_span=10, speech's default then, which text never read: their text masking was BERT's single tokens."""
+    if "mask_replace" not in config and config.get("modality") == "text":
+        config = {**config, "mask_span": 1}
+    return Config(**config)
+
+
 def load_checkpoint(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: train without --resume first, or point --out_dir at a run")

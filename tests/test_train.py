@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tarfile
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,14 @@ def test_preset_then_overrides():
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
     assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_old_checkpoints_keep_bert_masking():
+    """Before text span masking, checkpoints saved speech's mask_span=10 for every modality; text never read it."""
+    old = {k: v for k, v in asdict(Config()).items() if k not in ("mask_replace", "mask_random")}
+    assert train.saved_config({**old, "mask_span": 10}).mask_span == 1
+    assert train.saved_config({**old, "mask_span": 10, "modality": "speech"}).mask_span == 10
+    assert train.saved_config(asdict(Config(mask_span=4))).mask_span == 4
 
 
 def test_each_tokenizer_setting_caches_its_own_data(tmp_path):
