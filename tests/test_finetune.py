@@ -1,6 +1,7 @@
 """finetune.py on a tiny pretrained checkpoint: both modes run, report accuracy, and reject bad input clearly."""
 
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -59,7 +60,6 @@ def test_bad_input(pretrained, tmp_path, capsys):
 def test_bag_of_tokens_counts_normal_tokens():
     """The no-encoder reference: log(1 + count) per normal type, against collections.Counter; special ids
     (>= n_types: <s>, </s>, <pad>, <mask>) are not counted."""
-    from collections import Counter
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 24, (5, 40), generator=g)                # ids 20-23 play the special tokens
     features = finetune.BagOfTokens(20).features(tokens)               # (5, 20)
