@@ -42,8 +42,8 @@ def bert_mask(
 
     span > 1: spans of `span` tokens instead of single ones (fairseq's mask_multiple_length, the masking of
     data2vec's released text config: prob 0.35, span 4, replace_prob 1). Spans start at prob / span of the real
-    tokens, run to the right, merge where they overlap and skip special tokens, so prob 0.35 with span 4 masks
-    about 30 % of a long row.
+    tokens, run to the right, merge where they overlap and never cover a special token, so prob 0.35 with span 4
+    masks about 30 % of a long row.
 
     tokens: (B, T) long. special: (B, T) bool, True where a token may never be chosen (padding, <s>, </s>).
     n_normal: random replacements are drawn from ids [0, n_normal), i.e. never a special token.
