@@ -1,10 +1,11 @@
-"""The paper's ablations (data2vec §5) at CPU scale, on two tasks. tests/test_ablations.py asserts the ones that
+"""The paper's ablations (data2vec §5) at CPU scale, on three tasks. tests/test_ablations.py asserts the ones that
 show at this scale.
 
     python ablations.py                                 # every setting, seeds 0-2 -> a markdown table
     python ablations.py --settings=ffn,attn --seeds=1   # some of them
     python ablations.py --settings=recipe,local --iters=600   # longer runs
     python ablations.py --task=hmm --settings=recipe,k1,local   # the hidden Markov task
+    python ablations.py --task=topic --settings=recipe,local    # the topic task
 
 digits: tiny vision pretraining runs on the embedded digits, each scored by a linear probe on the held-out digits.
 Each run is the small vision recipe shortened to 200 updates of 32 images (~45 s on one core), with the layer scale
@@ -16,6 +17,11 @@ permutation, 10 % random jumps) emits token state // 2, so a token names its sta
 is read from the neighbours. A 4-block student (the text recipe's targets: FFN outputs, layer norm, Smooth L1 beta 4;
 RoBERTa embeddings, BERT masking) pretrains 600 updates of 32 sequences of 32 tokens (~25 s on 2 threads); a linear
 probe then reads the hidden state from its final output on intact sequences. The recipe averages all K = 4 blocks.
+
+topic: sequences where the context that decides the answer is the whole sequence. Each sequence draws one of 8
+topics, then its 32 tokens independently from that topic's distribution over 32 types, so one token says little
+about the topic. The same student and recipe pretrain 1,200 updates (~60 s on one thread); the probe reads the
+topic from the final output at every interior step.
 """
 
 import contextlib
@@ -41,7 +47,8 @@ TINY = dict(PRESETS["vision"]["small"], modality="vision", max_iters=200, batch_
 
 # name -> (what it is, train.py overrides; for the hmm task, TargetConfig overrides)
 RECIPES = {"digits": "block outputs, top K = 2 of 4 blocks (the vision recipe)",
-           "hmm": "FFN outputs, top K = 4 of 4 blocks (the text recipe's targets)"}
+           "hmm": "FFN outputs, top K = 4 of 4 blocks (the text recipe's targets)",
+           "topic": "FFN outputs, top K = 4 of 4 blocks (the text recipe's targets)"}
 SETTINGS: dict[str, tuple[str, dict]] = {
     "recipe": ("the task's recipe", {}),
     "k1": ("top K = 1", dict(top_k=1)),
@@ -55,10 +62,11 @@ SETTINGS: dict[str, tuple[str, dict]] = {
 
 @dataclass
 class AblationConfig:
-    task: str = "digits"                   # digits | hmm
+    task: str = "digits"                   # digits | hmm | topic
     settings: str = ",".join(SETTINGS)   # comma-separated names of SETTINGS
     seeds: int = 3
-    iters: int = 0                         # updates per pretraining run; 0 = the task's (digits 200, hmm 600)
+    iters: int = 0                         # updates per pretraining run; 0 = the task's (digits 200, hmm 600,
+                                           # topic 1200)
 
 
 def pretrain(out: Path, **overrides) -> dict:
@@ -78,6 +86,7 @@ def probe_accuracy(ckpt: Path, seed: int = 0) -> float:
 # ---- the hidden Markov task (and the sequence pieces tests/test_context.py shares) ----------------------------------
 
 N_STATES, SEQ_LEN, BATCH, HMM_ITERS = 32, 32, 32, 600
+N_TOPICS, N_WORDS, TOPIC_ITERS = 8, 32, 1200
 HMM_TARGETS = dict(top_k=4, target_layer="ffn", target_norm="layer", final_norm="none", loss_beta=4.0, loss_scale=False)
 
 
@@ -144,29 +153,59 @@ def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Ten
         return ((f_test @ w + b).argmax(-1) == y_test).float().mean().item()
 
 
-def hmm_run(seed: int, iters: int = HMM_ITERS, lr: float = 2e-3, **overrides) -> dict:
-    """Pretrain the 4-block student on the hidden Markov task with HMM_TARGETS updated by overrides (TargetConfig
-    fields), then probe the hidden state from its final output. -> probe accuracy, min target_var (iters = 0: the
-    untrained student)."""
+def sequence_run(seed: int, iters: int, lr: float, n_types: int, setup, overrides: dict) -> dict:
+    """Pretrain the 4-block student on a sequence task with HMM_TARGETS updated by overrides (TargetConfig fields),
+    then probe each interior step's label from its final output on intact sequences. setup(g) -> draw, where
+    draw(n) -> (tokens (n, SEQ_LEN), labels (n, SEQ_LEN)), all randomness from g. -> probe accuracy, min target_var
+    (iters = 0: the untrained student)."""
     unknown = set(overrides) - set(TargetConfig.__dataclass_fields__)
     if unknown:
-        raise ConfigError(f"the hmm task sweeps only target settings, not {', '.join(sorted(unknown))}")
+        raise ConfigError(f"the sequence tasks sweep only target settings, not {', '.join(sorted(unknown))}")
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    successor = torch.randperm(N_STATES, generator=g)
-    model = sequence_student(N_STATES // 2, SEQ_LEN, n_layer=4, targets=TargetConfig(**{**HMM_TARGETS, **overrides}))
-    # a token is its state // 2: it names the state up to a pair
-    _, target_var = pretrain_sequences(model, lambda: markov_chain(successor, BATCH, SEQ_LEN, g) // 2, iters, lr, g)
+    draw = setup(g)
+    model = sequence_student(n_types, SEQ_LEN, n_layer=4, targets=TargetConfig(**{**HMM_TARGETS, **overrides}))
+    _, target_var = pretrain_sequences(model, lambda: draw(BATCH)[0], iters, lr, g)
     model.eval()
     features = []
     with torch.no_grad():
         for n in (2000, 1000):                                                           # probe train, test
-            states = markov_chain(successor, n, SEQ_LEN, g)                              # (n, T)
-            x, pad_mask = model.encoder.embed(states // 2)                               # (n, T, C)
+            tokens, labels = draw(n)                                                     # (n, T), (n, T)
+            x, pad_mask = model.encoder.embed(tokens)                                    # (n, T, C)
             h, _ = model.student(model.encoder(x, pad_mask), pad_mask)                   # (n, T, C)
             # the first and last steps have one neighbour only
-            features += [h[:, 1:-1].reshape(-1, h.shape[-1]), states[:, 1:-1].reshape(-1)]
+            features += [h[:, 1:-1].reshape(-1, h.shape[-1]), labels[:, 1:-1].reshape(-1)]
     return dict(accuracy=linear_probe(*features), min_target_var=min(target_var, default=float("nan")))
+
+
+def hmm_run(seed: int, iters: int = HMM_ITERS, lr: float = 2e-3, **overrides) -> dict:
+    """The hidden Markov task: the label of a step is its hidden state; its token, state // 2, names the state up to
+    a pair, so the neighbours decide."""
+    def setup(g: torch.Generator):
+        successor = torch.randperm(N_STATES, generator=g)
+
+        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            states = markov_chain(successor, n, SEQ_LEN, g)                              # (n, T)
+            return states // 2, states
+        return draw
+
+    return sequence_run(seed, iters, lr, N_STATES // 2, setup, overrides)
+
+
+def topic_run(seed: int, iters: int = TOPIC_ITERS, lr: float = 2e-3, **overrides) -> dict:
+    """The topic task: the label of every step is its sequence's topic. Each of N_TOPICS topics has its own
+    distribution over N_WORDS token types (softmax of N(0, 1) logits); a sequence draws a topic, then each of its
+    tokens independently, so one token says little about the topic and the whole sequence a lot."""
+    def setup(g: torch.Generator):
+        probs = torch.randn(N_TOPICS, N_WORDS, generator=g).softmax(-1)                 # (topics, types)
+
+        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            topic = torch.randint(N_TOPICS, (n,), generator=g)                           # (n,)
+            tokens = torch.multinomial(probs[topic], SEQ_LEN, replacement=True, generator=g)   # (n, T)
+            return tokens, topic[:, None].expand(n, SEQ_LEN)
+        return draw
+
+    return sequence_run(seed, iters, lr, N_WORDS, setup, overrides)
 
 
 def main(argv: list[str]) -> int:
@@ -183,14 +222,14 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    iters = ac.iters or (TINY["max_iters"] if ac.task == "digits" else HMM_ITERS)
+    iters = ac.iters or {"digits": TINY["max_iters"], "hmm": HMM_ITERS, "topic": TOPIC_ITERS}[ac.task]
     rows = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(ac.seeds):
             for name in names:
                 t0 = time.time()
-                if ac.task == "hmm":
-                    run = hmm_run(seed, iters, **SETTINGS[name][1])
+                if ac.task in ("hmm", "topic"):
+                    run = (hmm_run if ac.task == "hmm" else topic_run)(seed, iters, **SETTINGS[name][1])
                 else:
                     ckpt = pretrain(Path(tmp) / f"{name}{seed}", seed=seed, max_iters=iters, **SETTINGS[name][1])
                     run = dict(accuracy=probe_accuracy(ckpt["path"], seed),
