@@ -29,6 +29,7 @@ import io
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from transformer import TransformerConfig
 TINY = dict(PRESETS["vision"]["small"], modality="vision", max_iters=200, batch_size=32, log_interval=10,
             eval_interval=10**6, ckpt_interval=10**6, eval_iters=2, layer_scale=0.0)
 
-# name -> (what it is, train.py overrides; for the hmm task, TargetConfig overrides)
+# name -> (what it is, train.py overrides; for the hmm and topic tasks, TargetConfig overrides)
 RECIPES = {"digits": "block outputs, top K = 2 of 4 blocks (the vision recipe)",
            "hmm": "FFN outputs, top K = 4 of 4 blocks (the text recipe's targets)",
            "topic": "FFN outputs, top K = 4 of 4 blocks (the text recipe's targets)"}
@@ -83,7 +84,7 @@ def probe_accuracy(ckpt: Path, seed: int = 0) -> float:
         return finetune.run(fc)["accuracy"]
 
 
-# ---- the hidden Markov task (and the sequence pieces tests/test_context.py shares) ----------------------------------
+# ---- the sequence tasks: hidden Markov and topic (and the pieces tests/test_context.py shares) ----------------------
 
 N_STATES, SEQ_LEN, BATCH, HMM_ITERS = 32, 32, 32, 600
 N_TOPICS, N_WORDS, TOPIC_ITERS = 8, 32, 1200
@@ -153,7 +154,11 @@ def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Ten
         return ((f_test @ w + b).argmax(-1) == y_test).float().mean().item()
 
 
-def sequence_run(seed: int, iters: int, lr: float, n_types: int, setup, overrides: dict) -> dict:
+Draw = Callable[[int], tuple[torch.Tensor, torch.Tensor]]   # n -> (tokens (n, SEQ_LEN), labels (n, SEQ_LEN))
+
+
+def sequence_run(seed: int, iters: int, lr: float, n_types: int, setup: Callable[[torch.Generator], Draw],
+                 overrides: dict) -> dict:
     """Pretrain the 4-block student on a sequence task with HMM_TARGETS updated by overrides (TargetConfig fields),
     then probe each interior step's label from its final output on intact sequences. setup(g) -> draw, where
     draw(n) -> (tokens (n, SEQ_LEN), labels (n, SEQ_LEN)), all randomness from g. -> probe accuracy, min target_var
@@ -181,7 +186,7 @@ def sequence_run(seed: int, iters: int, lr: float, n_types: int, setup, override
 def hmm_run(seed: int, iters: int = HMM_ITERS, lr: float = 2e-3, **overrides) -> dict:
     """The hidden Markov task: the label of a step is its hidden state; its token, state // 2, names the state up to
     a pair, so the neighbours decide."""
-    def setup(g: torch.Generator):
+    def setup(g: torch.Generator) -> Draw:
         successor = torch.randperm(N_STATES, generator=g)
 
         def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +201,7 @@ def topic_run(seed: int, iters: int = TOPIC_ITERS, lr: float = 2e-3, **overrides
     """The topic task: the label of every step is its sequence's topic. Each of N_TOPICS topics has its own
     distribution over N_WORDS token types (softmax of N(0, 1) logits); a sequence draws a topic, then each of its
     tokens independently, so one token says little about the topic and the whole sequence a lot."""
-    def setup(g: torch.Generator):
+    def setup(g: torch.Generator) -> Draw:
         probs = torch.randn(N_TOPICS, N_WORDS, generator=g).softmax(-1)                 # (topics, types)
 
         def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
