@@ -57,6 +57,7 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "ffn": ("FFN outputs", dict(target_layer="ffn")),
     "attn": ("self-attention outputs", dict(target_layer="attn")),
     "local": ("the teacher sees only the step itself (a patch, a token)", dict(teacher_context=1)),
+    "local3": ("the teacher sees a window of 3 steps (3 tokens, 3 x 3 patches)", dict(teacher_context=3)),
     "raw": ("no target normalisation", dict(target_norm="none", final_norm="none")),
 }
 

@@ -2,8 +2,8 @@
 Markov task whose answers need the neighbours, and on a topic task whose answers need the whole sequence, asserting
 the paper's direction with a margin chosen from measured runs (numbers in each docstring). The switches are plain
 config fields: --target_norm, --final_norm, --top_k, --target_layer, --teacher_context. The teacher's context shows
-the paper's direction on the topic task only; on the digits and the hidden Markov task it is reversed at this scale
-(README, "Settings").
+the paper's direction on the topic task; on the digits and the hidden Markov task a token-only teacher wins at this
+scale (README, "Settings").
 """
 
 from pathlib import Path
@@ -53,18 +53,18 @@ def test_averaging_the_top_k_blocks_beats_the_top_block_alone():
 
 @pytest.mark.slow
 def test_contextualised_targets_beat_a_local_teacher():
-    """Topic probe accuracy after 1,200 updates on the topic task, the teacher attending over the whole sequence
-    (the recipe) vs only each token itself (--teacher_context=1), the same seed on both sides. Measured with the
-    topic_run calls of `python ablations.py --task=topic --settings=recipe,local --seeds=10` (2-core AMD EPYC, one
-    thread per run, two runs side by side, ~60 s a run; seeds 0-2 again on 2 threads: the same numbers, ~51 s a
-    run): whole sequence 0.898, 0.923, 0.940, 0.966, 0.904, 0.897, 0.909, 0.813, 0.898, 0.918; token only 0.887,
-    0.921, 0.908, 0.940, 0.828, 0.862, 0.860, 0.871, 0.893, 0.918 (seeds 0-9; an untrained student 0.334-0.379 at
-    seeds 0-2). Per seed the gap is -0.058 to +0.076, mean +0.018, positive at 8 seeds of 10; over seeds 0-2,
-    asserted here, +0.015. Forcing the local teacher on both sides makes the gap exactly 0 (the runs are
-    deterministic) and fails the assertion."""
-    whole = sum(ablations.topic_run(seed)["accuracy"] for seed in (0, 1, 2)) / 3
-    local = sum(ablations.topic_run(seed, teacher_context=1)["accuracy"] for seed in (0, 1, 2)) / 3
-    assert whole - local > 0.005, (whole, local)
+    """Topic probe accuracy after 1,200 updates on the topic task (ablations.topic_run), the teacher attending over
+    the whole sequence (the recipe) vs a window of 3 tokens around each step (--teacher_context=3), the same seed on
+    both sides. Measured on the 2-core AMD EPYC (50-170 s a run, one to three runs sharing the cores): whole sequence
+    0.898, 0.923, 0.940, 0.966, 0.904, 0.897; window of 3 0.622, 0.674, 0.610, 0.731, 0.724, 0.763 (seeds 0-5);
+    window of 5 0.623, 0.705, 0.711 (seeds 0-2); an untrained student 0.334-0.379 (seeds 0-2). Per seed the gap to
+    the 3-token window is +0.134 to +0.330; over seeds 0 and 1, asserted here, +0.263. The teacher that sees only
+    the token itself (window 1) is the one local teacher that comes close: gaps -0.058 to +0.076, mean +0.018,
+    positive at 8 seeds of 10 (README, "Settings"). Forcing the window on both sides makes the gap exactly 0 (the
+    runs are deterministic) and fails the assertion."""
+    whole = sum(ablations.topic_run(seed)["accuracy"] for seed in (0, 1)) / 2
+    local = sum(ablations.topic_run(seed, teacher_context=3)["accuracy"] for seed in (0, 1)) / 2
+    assert whole - local > 0.1, (whole, local)
 
 
 def test_bad_settings_are_clear_errors(capsys):
