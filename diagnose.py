@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from data2vec import EMATeacher
 from encoders import TextEncoder
 from text_data import DataError
-from train import TASKS, CheckpointError, ConfigError, load_checkpoint, load_state, parse_overrides, saved_config
+from train import TASKS, CheckpointError, Config, ConfigError, load_checkpoint, load_state, parse_overrides
 
 
 @dataclass
@@ -88,7 +88,7 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
         raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
     path = Path(dc.ckpt)
     ckpt = load_checkpoint(path)
-    cfg = saved_config(ckpt["config"])
+    cfg = Config(**ckpt["config"])
     task = TASKS[cfg.modality](cfg, prepare=True)
     model = task.build_model()
     load_state(model, ckpt["model"], "student", path)

@@ -40,7 +40,7 @@ from masking import span_mask
 from speech_data import SAMPLE_RATE, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ROOT, TASKS, Config, CheckpointError, ConfigError, PRESETS, load_checkpoint, load_state, lr_at,
-                   parse_overrides, save_checkpoint, saved_config, setup_system, speech_model, text_data_dir)
+                   parse_overrides, save_checkpoint, setup_system, speech_model, text_data_dir)
 from transformer import Transformer
 
 
@@ -138,7 +138,7 @@ def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
         cfg, state = model.config, model.state_dict()
     else:
         ckpt = load_checkpoint(Path(fc.init_from))
-        cfg = saved_config(ckpt["config"])
+        cfg = Config(**ckpt["config"])
         # the student's regression head (head.*) serves pretraining only; its Transformer is `student.*` there
         state = {"transformer." + k.removeprefix("student.") if k.startswith("student.") else k: v
                  for k, v in ckpt["model"].items() if not k.startswith("head.")}

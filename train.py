@@ -72,7 +72,7 @@ class Config:
     vocab_size: int = 8192      # BPE types trained on the corpus when GPT-2's files are not cached
     tokenizer: str = "auto"     # auto (gpt2 if cached, else bpe) | gpt2 | bpe
     mask_prob: float = 0.15     # text: BERT's fraction of tokens; speech: span-start prob x mask_span (fairseq's 0.65)
-    mask_span: int = 1          # steps per masked span (text: 1 = BERT's single tokens; speech: frames, 10)
+    token_span: int = 1         # text: tokens per masked span (1 = BERT's single tokens; the released config: 4)
     mask_replace: float = 0.8   # text: of the masked tokens, the share replaced by <mask> (BERT: 0.8) ...
     mask_random: float = 0.1    # ... and the share replaced by a random token (BERT: 0.1); the rest stay unchanged
     # vision (VisionTask)
@@ -87,6 +87,7 @@ class Config:
     pos_conv_kernel: int = 19
     pos_conv_groups: int = 16
     max_samples: int = 320_000  # longer utterances are randomly cropped to this many samples (20 s at 16 kHz)
+    mask_span: int = 10         # frames per masked span; a frame starts one with p = mask_prob / mask_span
     # targets and loss (data2vec.TargetConfig)
     top_k: int = 3
     target_layer: str = "ffn"   # ffn | block | attn
@@ -247,9 +248,9 @@ def parse_args(argv: list[str]) -> Config:
         raise ConfigError(f"unknown --objective={cfg.objective}: use data2vec or mlm")
     if cfg.objective == "mlm" and cfg.modality != "text":
         raise ConfigError("--objective=mlm is the text baseline (token cross-entropy); use it with --modality=text")
-    if cfg.mask_span < 1 or not 0 < cfg.mask_prob <= 1:
-        raise ConfigError(f"--mask_prob={cfg.mask_prob} --mask_span={cfg.mask_span}: need 0 < mask_prob <= 1 and a "
-                          f"span of at least 1 step")
+    if min(cfg.mask_span, cfg.token_span) < 1 or not 0 < cfg.mask_prob <= 1:
+        raise ConfigError(f"--mask_prob={cfg.mask_prob} --mask_span={cfg.mask_span} --token_span={cfg.token_span}: "
+                          f"need 0 < mask_prob <= 1 and spans of at least 1 step")
     if min(cfg.mask_replace, cfg.mask_random) < 0 or cfg.mask_replace + cfg.mask_random > 1:
         raise ConfigError(f"--mask_replace={cfg.mask_replace} --mask_random={cfg.mask_random}: shares of the masked "
                           f"tokens, each >= 0 and together <= 1 (BERT: 0.8 and 0.1)")
@@ -288,7 +289,7 @@ class TextTask:
         tokens = d.batch(split, self.cfg.batch_size, generator)                              # (B, T)
         special = d.special(tokens)                                                          # (B, T)
         student, mask = bert_mask(tokens, mask_id=d.mask_id, n_normal=d.n_normal, special=special,
-                                  generator=generator, prob=self.cfg.mask_prob, span=self.cfg.mask_span,
+                                  generator=generator, prob=self.cfg.mask_prob, span=self.cfg.token_span,
                                   replace_prob=self.cfg.mask_replace, random_prob=self.cfg.mask_random)
         return dict(source=tokens, mask=mask, student_source=student)
 
@@ -483,14 +484,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
-
-
-def saved_config(config: dict) -> Config:
-    """The Config a checkpoint was trained with. Checkpoints from before text span masking (no mask_replace) hold
-    mask_span=10, speech's default then, which text never read: their text masking was BERT's single tokens."""
-    if "mask_replace" not in config and config.get("modality") == "text":
-        config = {**config, "mask_span": 1}
-    return Config(**config)
 
 
 def load_checkpoint(path: Path) -> dict:

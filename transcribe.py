@@ -19,7 +19,7 @@ from ctc import VOCAB, greedy_decode
 from finetune import CTCModel
 from speech_data import audio_samples, load_audio, normalize_wave
 from text_data import DataError
-from train import CheckpointError, load_checkpoint, load_state, saved_config, speech_model
+from train import CheckpointError, Config, load_checkpoint, load_state, speech_model
 
 
 def load_ctc(ckpt: str) -> CTCModel:
@@ -40,7 +40,7 @@ def load_ctc(ckpt: str) -> CTCModel:
                                   f"finetune.py --modality=speech --init_from={ckpt} --save=out-ctc/ctc.pt")
         if saved["vocab"] != VOCAB:
             raise CheckpointError(f"{ckpt}: its letters {saved['vocab']} are not ctc.VOCAB")
-        cfg, state = saved_config(saved["config"]), saved["model"]
+        cfg, state = Config(**saved["config"]), saved["model"]
     student = speech_model(cfg)
     model = CTCModel(student.encoder, student.student, len(VOCAB))
     load_state(model, state, "CTC model", Path(ckpt))

@@ -58,7 +58,7 @@ def test_preset_then_overrides():
     (["--objective=mae"], "use data2vec or mlm"),
     (["--modality=vision", "--objective=mlm"], "use it with --modality=text"),
     (["--mask_replace=0.95"], "together <= 1"),
-    (["--mask_span=0"], "a span of at least 1 step"),
+    (["--token_span=0"], "spans of at least 1 step"),
 ])
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
@@ -66,11 +66,11 @@ def test_config_errors(argv, message, capsys):
 
 
 def test_old_checkpoints_keep_bert_masking():
-    """Before text span masking, checkpoints saved speech's mask_span=10 for every modality; text never read it."""
-    old = {k: v for k, v in asdict(Config()).items() if k not in ("mask_replace", "mask_random")}
-    assert train.saved_config({**old, "mask_span": 10}).mask_span == 1
-    assert train.saved_config({**old, "mask_span": 10, "modality": "speech"}).mask_span == 10
-    assert train.saved_config(asdict(Config(mask_span=4))).mask_span == 4
+    """A text checkpoint from before text span masking (no token_span, mask_replace, mask_random in its config)
+    reads back with BERT's masking: the new fields take their defaults."""
+    old = {k: v for k, v in asdict(Config()).items() if k not in ("token_span", "mask_replace", "mask_random")}
+    cfg = Config(**old)
+    assert (cfg.token_span, cfg.mask_replace, cfg.mask_random) == (1, 0.8, 0.1)
 
 
 def test_each_tokenizer_setting_caches_its_own_data(tmp_path):
