@@ -158,18 +158,16 @@ def linear_probe(f_train: torch.Tensor, y_train: torch.Tensor, f_test: torch.Ten
 Draw = Callable[[int], tuple[torch.Tensor, torch.Tensor]]   # n -> (tokens (n, SEQ_LEN), labels (n, SEQ_LEN))
 
 
-def sequence_run(seed: int, iters: int, lr: float, n_types: int, setup: Callable[[torch.Generator], Draw],
+def sequence_run(seed: int, iters: int, lr: float, n_types: int, draw: Draw, g: torch.Generator,
                  overrides: dict) -> dict:
     """Pretrain the 4-block student on a sequence task with HMM_TARGETS updated by overrides (TargetConfig fields),
-    then probe each interior step's label from its final output on intact sequences. setup(g) -> draw, where
-    draw(n) -> (tokens (n, SEQ_LEN), labels (n, SEQ_LEN)), all randomness from g. -> probe accuracy, min target_var
-    (iters = 0: the untrained student)."""
+    then probe each interior step's label from its final output on intact sequences. draw(n) -> (tokens
+    (n, SEQ_LEN), labels (n, SEQ_LEN)) takes its randomness from g, as do the masks. -> probe accuracy, min
+    target_var (iters = 0: the untrained student)."""
     unknown = set(overrides) - set(TargetConfig.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"the sequence tasks sweep only target settings, not {', '.join(sorted(unknown))}")
     torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    draw = setup(g)
     model = sequence_student(n_types, SEQ_LEN, n_layer=4, targets=TargetConfig(**{**HMM_TARGETS, **overrides}))
     _, target_var = pretrain_sequences(model, lambda: draw(BATCH)[0], iters, lr, g)
     model.eval()
@@ -187,31 +185,29 @@ def sequence_run(seed: int, iters: int, lr: float, n_types: int, setup: Callable
 def hmm_run(seed: int, iters: int = HMM_ITERS, lr: float = 2e-3, **overrides) -> dict:
     """The hidden Markov task: the label of a step is its hidden state; its token, state // 2, names the state up to
     a pair, so the neighbours decide."""
-    def setup(g: torch.Generator) -> Draw:
-        successor = torch.randperm(N_STATES, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(N_STATES, generator=g)
 
-        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            states = markov_chain(successor, n, SEQ_LEN, g)                              # (n, T)
-            return states // 2, states
-        return draw
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        states = markov_chain(successor, n, SEQ_LEN, g)                                  # (n, T)
+        return states // 2, states
 
-    return sequence_run(seed, iters, lr, N_STATES // 2, setup, overrides)
+    return sequence_run(seed, iters, lr, N_STATES // 2, draw, g, overrides)
 
 
 def topic_run(seed: int, iters: int = TOPIC_ITERS, lr: float = 2e-3, **overrides) -> dict:
     """The topic task: the label of every step is its sequence's topic. Each of N_TOPICS topics has its own
     distribution over N_WORDS token types (softmax of N(0, 1) logits); a sequence draws a topic, then each of its
     tokens independently, so one token says little about the topic and the whole sequence a lot."""
-    def setup(g: torch.Generator) -> Draw:
-        probs = torch.randn(N_TOPICS, N_WORDS, generator=g).softmax(-1)                 # (topics, types)
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.randn(N_TOPICS, N_WORDS, generator=g).softmax(-1)                     # (topics, types)
 
-        def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            topic = torch.randint(N_TOPICS, (n,), generator=g)                           # (n,)
-            tokens = torch.multinomial(probs[topic], SEQ_LEN, replacement=True, generator=g)   # (n, T)
-            return tokens, topic[:, None].expand(n, SEQ_LEN)
-        return draw
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        topic = torch.randint(N_TOPICS, (n,), generator=g)                               # (n,)
+        tokens = torch.multinomial(probs[topic], SEQ_LEN, replacement=True, generator=g)  # (n, T)
+        return tokens, topic[:, None].expand(n, SEQ_LEN)
 
-    return sequence_run(seed, iters, lr, N_WORDS, setup, overrides)
+    return sequence_run(seed, iters, lr, N_WORDS, draw, g, overrides)
 
 
 def main(argv: list[str]) -> int:
