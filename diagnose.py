@@ -17,6 +17,14 @@ A masked-LM checkpoint (train.py --objective=mlm, mlm.py) has no teacher targets
 the entropy of the training split's token frequencies, the held-out cross-entropy a model that ignores its
 context can reach.
 
+feature rank: how many directions the examples spread over, layer by layer. Each held-out example's features are
+averaged over its real steps (the pooled vector a linear probe reads), at the Transformer's input (the feature
+encoder's output) and after every block, for the checkpoint and for the model the run started from; the effective
+rank of the examples' pooled vectors is exp(entropy of the variance shares of their principal components): d for d
+equally spread directions, 1 when the examples differ along one line only. A pretrained model far below its
+initialisation maps different inputs to a few directions, and a probe on its output has little to read. The rank
+cannot exceed the number of examples less one (batches x batch size - 1).
+
 embedding norms (text): the mean L2 norm of the token rows (normal tokens) and of the position rows a full passage
 reads, in the checkpoint and in the model the run started from (the same config and seed, freshly initialised).
 The teacher reads the student's embeddings (shared, SPEC §2), so positions that grow while tokens stay put move
@@ -31,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data2vec import EMATeacher
+from data2vec import Data2Vec, EMATeacher
 from encoders import TextEncoder
 from text_data import DataError
 from train import TASKS, CheckpointError, Config, ConfigError, load_checkpoint, load_state, parse_overrides
@@ -78,12 +86,32 @@ def frequency_entropy(stream: np.ndarray, n_normal: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def effective_rank(features: torch.Tensor) -> float:
+    """exp(entropy of the variance shares of the principal components) of features (N, C), N examples."""
+    centred = features.double() - features.double().mean(0)                               # (N, C)
+    var = torch.linalg.svdvals(centred) ** 2                                                # (min(N, C),)
+    share = var[var > var.sum() * 1e-12] / var.sum()
+    return float(torch.exp(-(share * share.log()).sum()))
+
+
+def pooled_layers(model: Data2Vec, source: torch.Tensor, padding_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Each example's mean over its real steps (a prefix such as CLS left out) of the Transformer's input and of
+    every block's output -> 1 + n_layer tensors (B, C)."""
+    x, pad = model.embed(source, padding_mask)                                              # (B, T, C), (B, T') or None
+    h = model.encoder(x, pad)                                                               # (B, T', C)
+    _, blocks = model.student(h, pad, target_layer="block")                                 # n_layer x (B, T', C)
+    prefix = model.encoder.n_prefix
+    keep = torch.ones(h.shape[0], h.shape[1] - prefix, 1) if pad is None else (~pad[:, prefix:]).unsqueeze(-1).float()
+    return [(layer[:, prefix:] * keep).sum(1) / keep.sum(1) for layer in (h, *blocks)]   # (B, C) each
+
+
 @torch.no_grad()
-def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
+def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float]]:
     """Both checks over dc.batches held-out batches -> position_similarity (not for a masked-LM run), and for text
     loss_intact, loss_shuffled (per masked token, every masked token shown as <mask>), context_gain = loss_shuffled /
     loss_intact, the embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init,
-    and for a masked-LM run frequency_entropy."""
+    and for a masked-LM run frequency_entropy; for every modality feature_rank and feature_rank_init (effective rank
+    of the pooled features per layer, the Transformer's input first) and examples (how many they pool)."""
     if not dc.ckpt:
         raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
     path = Path(dc.ckpt)
@@ -95,15 +123,20 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
     teacher = EMATeacher(model.student, cfg.tau_0, cfg.tau_e, cfg.tau_n)
     load_state(teacher.model, ckpt["teacher"], "teacher", path)
     model.eval()
+    with torch.random.fork_rng():                         # train.py's initial weights, without reseeding the caller
+        torch.manual_seed(cfg.seed)
+        initial = task.build_model().eval()
     g = torch.Generator().manual_seed(dc.seed)
     text = cfg.modality == "text"
     targets_too = cfg.objective != "mlm"                  # a masked-LM run has no teacher targets to compare
-    sims, losses = [], {"intact": [], "shuffled": []}
+    sims, losses, pooled = [], {"intact": [], "shuffled": []}, {"": [], "_init": []}
     for _ in range(dc.batches):
         b = task.batch("val", g)
         special = task.data.special(b["source"]) if text else None                        # (B, T)
         n_normal = task.data.n_normal if text else 0
         pad = b.get("padding_mask")
+        for suffix, m in (("", model), ("_init", initial)):
+            pooled[suffix].append(pooled_layers(m, b["source"], pad))
         if targets_too:
             targets = []
             for source in (b["source"], content_free(b["source"], cfg.modality, pad, special, n_normal, g)):
@@ -117,13 +150,14 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float]:
                 loss, _, _ = model(source, b["mask"], teacher, student_source=student)
                 losses[name].append(loss.item() / b["mask"].sum().item())
     result = {"position_similarity": sum(sims) / len(sims)} if targets_too else {}
+    for suffix, per_batch in pooled.items():
+        layers = [torch.cat(layer) for layer in zip(*per_batch)]                            # (1 + n_layer) x (N, C)
+        result[f"feature_rank{suffix}"] = [effective_rank(f) for f in layers]
+    result["examples"] = len(layers[0])
     if text:
         intact, shuffled = (sum(losses[k]) / len(losses[k]) for k in ("intact", "shuffled"))
         result.update(loss_intact=intact, loss_shuffled=shuffled, context_gain=shuffled / intact)
-        with torch.random.fork_rng():                     # train.py's initial weights, without reseeding the caller
-            torch.manual_seed(cfg.seed)
-            initial = task.build_model().encoder
-        for suffix, encoder in (("", model.encoder), ("_init", initial)):
+        for suffix, encoder in (("", model.encoder), ("_init", initial.encoder)):
             token, position = embedding_norms(encoder, task.data.n_normal, cfg.block_size)
             result.update({f"token_norm{suffix}": token, f"position_norm{suffix}": position})
         if not targets_too:
@@ -151,6 +185,10 @@ def main(argv: list[str]) -> int:
         print(f"embedding norms, mean per row: tokens {result['token_norm_init']:.3f} at initialisation -> "
               f"{result['token_norm']:.3f}, positions {result['position_norm_init']:.3f} -> "
               f"{result['position_norm']:.3f}")
+    rank = lambda key: " / ".join(f"{r:.1f}" for r in result[key])
+    print(f"pooled features of {result['examples']} held-out examples, effective rank at the Transformer's input, then "
+          f"after each block: {rank('feature_rank')} (at initialisation: {rank('feature_rank_init')}; far below it: "
+          "different inputs end up along a few directions)")
     return 0
 
 

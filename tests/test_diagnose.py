@@ -1,4 +1,5 @@
-"""diagnose.py: the content-free inputs and token shuffles it compares against, and a run on a tiny checkpoint."""
+"""diagnose.py: the content-free inputs and token shuffles it compares against, the effective rank of pooled features,
+and runs on tiny checkpoints."""
 
 import tarfile
 from pathlib import Path
@@ -9,8 +10,10 @@ import torch
 
 import diagnose
 import train
-from diagnose import content_free, embedding_norms, frequency_entropy, shuffle_tokens
+from data2vec import Data2Vec, TargetConfig
+from diagnose import content_free, effective_rank, embedding_norms, frequency_entropy, pooled_layers, shuffle_tokens
 from encoders import TextEncoder
+from transformer import TransformerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--block_size=32", "--batch_size=4",
@@ -57,6 +60,37 @@ def test_frequency_entropy_counts_the_normal_tokens_only():
         -(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))
 
 
+def test_effective_rank_against_the_covariance_eigenvalues_and_known_spreads():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(50, 8, generator=g) * torch.linspace(0.1, 2.0, 8)                 # (N, C), unequal spreads
+    eig = np.linalg.eigvalsh(np.cov(f.numpy(), rowvar=False))                          # naive: covariance eigenvalues
+    share = eig / eig.sum()
+    assert effective_rank(f) == pytest.approx(np.exp(-(share * np.log(share)).sum()), rel=1e-6)
+    axes = torch.eye(6)[:3]                                                             # 3 orthogonal directions
+    assert effective_rank(torch.cat([axes, -axes]) * 5 + 1) == pytest.approx(3.0)      # equal spread: 3
+    line = torch.randn(20, 1, generator=g) * torch.randn(1, 6, generator=g)            # every example on one line
+    assert effective_rank(line) == pytest.approx(1.0)
+
+
+def test_pooled_layers_average_the_real_steps_of_each_layer():
+    torch.manual_seed(0)
+    model = Data2Vec(TextEncoder(40, 16, 10, pad_id=1, dropout=0.0),
+                     TransformerConfig(n_layer=2, dim=16, n_head=2, ffn_dim=32), TargetConfig(top_k=2),
+                     head_hidden=True).eval()
+    tokens = torch.randint(4, 40, (3, 10))
+    tokens[1, 6:] = 1                                                                   # a padded passage
+    with torch.no_grad():
+        layers = pooled_layers(model, tokens, None)
+        x, pad = model.embed(tokens)
+        h = model.encoder(x, pad)                                                       # (B, T, C)
+        out, _ = model.student(h, pad)                                                  # (B, T, C)
+        alone, _ = model.student(model.encoder(*model.embed(tokens[1:2, :6])), None)    # the padded row, unpadded
+    assert len(layers) == 3
+    torch.testing.assert_close(layers[0][0], h[0].mean(0))
+    torch.testing.assert_close(layers[-1][2], out[2].mean(0))
+    torch.testing.assert_close(layers[-1][1], alone[0].mean(0), atol=1e-5, rtol=1e-5)
+
+
 def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     with tarfile.open(ROOT / "data" / "shakespeare.tar.xz") as tar:
         (tmp_path / "plays.txt").write_text(tar.extractfile("shakespeare/tempest.txt").read().decode())
@@ -66,6 +100,9 @@ def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     assert result["loss_intact"] > 0 and result["loss_shuffled"] > 0
     assert result["token_norm_init"] == pytest.approx(0.02 * 32 ** 0.5, rel=0.3)        # std 0.02 rows of width 32
     assert result["position_norm"] != result["position_norm_init"]                         # two updates moved them
+    assert result["examples"] == 8                                                          # 2 batches of 4
+    assert len(result["feature_rank"]) == len(result["feature_rank_init"]) == 3             # input, 2 blocks
+    assert all(1 <= r <= 7 for r in result["feature_rank"] + result["feature_rank_init"])
     assert diagnose.main([f"--ckpt={tmp_path / 'missing.pt'}"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
 
