@@ -62,6 +62,8 @@ class FinetuneConfig:
     lr: float = 1e-4            # fine-tune; the probe uses probe_lr. RoBERTa sweeps {1, 2, 4, 6}e-5 at base size
     probe_lr: float = 1e-2
     probe_epochs: int = 100
+    probe_layer: int = -1       # probe: pool this layer's output: 0 = the Transformer's input (the embeddings), k = block
+                                # k's output; -1 = the encoder's final output, as fine-tuning reads it
     weight_decay: float = 0.01
     warmup: float = 0.06        # fraction of the steps
     layer_decay: float = 1.0    # block i of L trains at lr x layer_decay^(L - i), the encoder at ^(L + 1); 1 = off
@@ -84,16 +86,25 @@ class Classifier(nn.Module):
     """Pretrained encoder + Transformer + a classification head on one pooled vector per example.
 
     pool "first": the first step (text: <s>, RoBERTa). "mean": the mean over the real (not padded) steps after the
-    encoder's prefix (vision: the patch tokens without CLS, SPEC §3).
+    encoder's prefix (vision: the patch tokens without CLS, SPEC §3). layer: which output is pooled: -1 the final one,
+    0 the Transformer's input, k block k's output (before a pre-LN model's final LayerNorm).
     """
 
-    def __init__(self, encoder: nn.Module, transformer: Transformer, head: nn.Module, pool: str):
+    def __init__(self, encoder: nn.Module, transformer: Transformer, head: nn.Module, pool: str, layer: int = -1):
         super().__init__()
-        self.encoder, self.transformer, self.head, self.pool = encoder, transformer, head, pool
+        n_layer = len(transformer.blocks)
+        if not -1 <= layer <= n_layer:
+            raise ConfigError(f"--probe_layer={layer}: the encoder has layers 0 (its input) to {n_layer}, or -1 (its "
+                              "final output)")
+        self.encoder, self.transformer, self.head, self.pool, self.layer = encoder, transformer, head, pool, layer
 
     def features(self, source: torch.Tensor) -> torch.Tensor:
         x, pad = self.encoder.embed(source)                             # (B, T, C)
-        h, _ = self.transformer(self.encoder(x, pad), pad)              # (B, T', C), T' = n_prefix + T
+        h = self.encoder(x, pad)                                        # (B, T', C), T' = n_prefix + T
+        if self.layer < 0:
+            h, _ = self.transformer(h, pad)                             # (B, T', C)
+        elif self.layer > 0:
+            h = self.transformer(h, pad, target_layer="block")[1][self.layer - 1]  # (B, T', C)
         if self.pool == "first":
             return h[:, 0]                                              # (B, C)
         h = h[:, self.encoder.n_prefix:]                                # (B, T, C)
@@ -199,6 +210,8 @@ def run(fc: FinetuneConfig) -> dict:
     if fc.init_from == "bag" and (fc.modality, fc.mode) != ("text", "probe"):
         raise ConfigError("--init_from=bag (token counts, no encoder) is a reference for the text probe: pass "
                           "--modality=text --mode=probe")
+    if fc.probe_layer != -1 and fc.mode != "probe":
+        raise ConfigError(f"--probe_layer={fc.probe_layer} chooses what the probe reads: pass --mode=probe")
     cfg, state = pretrained(fc)
     _, _, device, dtype = setup_system(Config(device=fc.device, dtype=fc.dtype))
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -248,7 +261,7 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
     # tokens only, so nothing trains <s>'s output to summarise the passage (measured on the genre task, 100 % of
     # labels: pretrained first token 0.46, mean 0.50; random init 0.47-0.50 either way)
     pool = "mean" if fc.mode == "probe" else "first"
-    model = Classifier(encoder, transformer, roberta_head(cfg.dim, len(classes), fc.dropout), pool)
+    model = Classifier(encoder, transformer, roberta_head(cfg.dim, len(classes), fc.dropout), pool, fc.probe_layer)
     return fit_and_test(model.to(device), fc, (x_train, y_train), (x_test, y_test), autocast,
                         view=lambda x, g: x.to(device), classes=classes, device=device)
 
@@ -265,7 +278,7 @@ def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     x_train, y_train = data.images["train"][keep], data.labels["train"][keep]     # (N, C, h, w) uint8, (N,)
     encoder, transformer = init_student(fc, task.build_model, state)
     head = nn.Sequential(nn.LayerNorm(cfg.dim, eps=cfg.ln_eps), nn.Linear(cfg.dim, data.num_classes))
-    model = Classifier(encoder, transformer, head, "mean")
+    model = Classifier(encoder, transformer, head, "mean", fc.probe_layer)
     # fine-tuning sees augmented training images (the generator given); the probe and the test, plain ones
     return fit_and_test(model.to(device), fc, (x_train, y_train), (data.images["test"], data.labels["test"]),
                         autocast, view=lambda x, g: data.view(x, g).to(device), classes=data.class_names, device=device)

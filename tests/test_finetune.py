@@ -55,6 +55,12 @@ def test_bad_input(pretrained, tmp_path, capsys):
     assert "--mode=linear" in capsys.readouterr().err
     assert finetune.main(["--init_from=bag"]) == 1
     assert "reference for the text probe" in capsys.readouterr().err
+    assert finetune.main(["--init_from=random", "--probe_layer=0"]) == 1
+    assert "pass --mode=probe" in capsys.readouterr().err
+    args = [f"--init_from={ckpt}", "--mode=probe", "--probe_layer=3", "--max_len=32", f"--train={tmp / 'train.tsv'}",
+            f"--test={tmp / 'test.tsv'}"]
+    assert finetune.main(args) == 1
+    assert "layers 0 (its input) to 2" in capsys.readouterr().err
 
 
 def test_bag_of_tokens_counts_normal_tokens():
@@ -90,3 +96,18 @@ def test_mean_pool_ignores_padding():
         pooled = clf.features(batch)                                    # (2, C)
         expected = torch.cat([clf.features(short), clf.features(long)])  # (2, C)
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_probe_layer_pools_the_chosen_layer():
+    """Layer 0 is the Transformer's input, layer k block k's output; the last block's is the default's (post-LN)."""
+    torch.manual_seed(0)
+    encoder = TextEncoder(vocab_size=50, dim=32, max_len=16, pad_id=1, dropout=0.0)
+    transformer = Transformer(TransformerConfig(n_layer=2, dim=32, n_head=2, ffn_dim=64, dropout=0.0, attn_dropout=0.0))
+    tokens = torch.tensor([[0, 7, 8, 9, 2]])
+    clf = lambda layer: finetune.Classifier(encoder, transformer, torch.nn.Identity(), "mean", layer).eval()
+    with torch.no_grad():
+        h = encoder(*encoder.embed(tokens))                              # (1, T, C)
+        first = transformer.blocks[0](h, None)[0]                        # (1, T, C)
+        torch.testing.assert_close(clf(0).features(tokens), h.mean(1))
+        torch.testing.assert_close(clf(1).features(tokens), first.mean(1))
+        torch.testing.assert_close(clf(2).features(tokens), clf(-1).features(tokens))
