@@ -21,9 +21,10 @@ feature rank: how many directions the examples spread over, layer by layer. Each
 averaged over its real steps (the pooled vector a linear probe reads), at the Transformer's input (the feature
 encoder's output) and after every block, for the checkpoint and for the model the run started from; the effective
 rank of the examples' pooled vectors is exp(entropy of the variance shares of their principal components): d for d
-equally spread directions, 1 when the examples differ along one line only. A pretrained model far below its
-initialisation maps different inputs to a few directions, and a probe on its output has little to read. The rank
-cannot exceed the number of examples less one (batches x batch size - 1).
+equally spread directions, 1 when the examples differ along one line only. Far below its initialisation, the
+pretrained model has gathered the differences between inputs into a few directions. It says how the variance is
+spread, not what the weaker directions still hold (a standardised linear probe reads those too), and it cannot exceed
+the number of examples less one (batches x batch size - 1).
 
 embedding norms (text): the mean L2 norm of the token rows (normal tokens) and of the position rows a full passage
 reads, in the checkpoint and in the model the run started from (the same config and seed, freshly initialised).
@@ -188,7 +189,7 @@ def main(argv: list[str]) -> int:
     rank = lambda key: " / ".join(f"{r:.1f}" for r in result[key])
     print(f"pooled features of {result['examples']} held-out examples, effective rank at the Transformer's input, then "
           f"after each block: {rank('feature_rank')} (at initialisation: {rank('feature_rank_init')}; far below it: "
-          "different inputs end up along a few directions)")
+          "the differences between inputs gather in a few directions)")
     return 0
 
 
