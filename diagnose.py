@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from data2vec import Data2Vec, EMATeacher
 from encoders import TextEncoder
+from finetune import mean_pool
 from text_data import DataError
 from train import TASKS, CheckpointError, Config, ConfigError, load_checkpoint, load_state, parse_overrides
 
@@ -102,8 +103,8 @@ def pooled_layers(model: Data2Vec, source: torch.Tensor, padding_mask: torch.Ten
     h = model.encoder(x, pad)                                                               # (B, T', C)
     _, blocks = model.student(h, pad, target_layer="block")                                 # n_layer x (B, T', C)
     prefix = model.encoder.n_prefix
-    keep = torch.ones(h.shape[0], h.shape[1] - prefix, 1) if pad is None else (~pad[:, prefix:]).unsqueeze(-1).float()
-    return [(layer[:, prefix:] * keep).sum(1) / keep.sum(1) for layer in (h, *blocks)]   # (B, C) each
+    steps_pad = None if pad is None else pad[:, prefix:]                                   # (B, T) or None
+    return [mean_pool(layer, steps_pad, prefix) for layer in (h, *blocks)]                  # (B, C) each
 
 
 @torch.no_grad()

@@ -82,6 +82,16 @@ class FinetuneConfig:
     seed: int = 0
 
 
+def mean_pool(h: torch.Tensor, padding_mask: torch.Tensor | None, prefix: int) -> torch.Tensor:
+    """The mean over each example's real (not padded) steps after a prefix such as CLS: h (B, prefix + T, C),
+    padding_mask (B, T) over the steps after the prefix, True = padding, or None -> (B, C)."""
+    h = h[:, prefix:]                                                   # (B, T, C)
+    if padding_mask is None:
+        return h.mean(1)
+    keep = (~padding_mask).unsqueeze(-1).to(h.dtype)                    # (B, T, 1)
+    return (h * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
 class Classifier(nn.Module):
     """Pretrained encoder + Transformer + a classification head on one pooled vector per example.
 
@@ -107,11 +117,7 @@ class Classifier(nn.Module):
             h = self.transformer(h, pad, target_layer="block")[1][self.layer - 1]  # (B, T', C)
         if self.pool == "first":
             return h[:, 0]                                              # (B, C)
-        h = h[:, self.encoder.n_prefix:]                                # (B, T, C)
-        if pad is None:
-            return h.mean(1)                                            # (B, C)
-        keep = (~pad).unsqueeze(-1).to(h.dtype)                         # (B, T, 1)
-        return (h * keep).sum(1) / keep.sum(1).clamp(min=1)             # (B, C)
+        return mean_pool(h, pad, self.encoder.n_prefix)                 # (B, C)
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(source))                         # (B, classes)
