@@ -49,14 +49,11 @@ def bert_mask(
     n_normal: random replacements are drawn from ids [0, n_normal), i.e. never a special token.
     Returns (student_tokens (B, T) long, mask (B, T) bool).
     """
-    if span == 1:
-        mask = _choose(~special, prob, generator)                             # (B, T)
-    else:
-        starts = _choose(~special, prob / span, generator)                    # (B, T)
-        # token t is masked when a span starts in (t - span, t]: a difference of running counts of starts
-        count = starts.long().cumsum(1)                                       # (B, T)
-        before = F.pad(count, (span, 0))[:, :count.shape[1]]                  # (B, T) count at t - span
-        mask = (count > before) & ~special
+    starts = _choose(~special, prob / span, generator)                        # (B, T); span 1: the masked tokens
+    # token t is masked when a span starts in (t - span, t]: a difference of running counts of starts
+    count = starts.long().cumsum(1)                                           # (B, T)
+    before = F.pad(count, (span, 0))[:, :count.shape[1]]                      # (B, T) count at t - span
+    mask = (count > before) & ~special                                        # (B, T)
     u = torch.rand(tokens.shape, generator=generator)                         # (B, T)
     to_mask = mask & (u < replace_prob)
     to_random = mask & (u >= replace_prob) & (u < replace_prob + random_prob)
