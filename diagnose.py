@@ -1,4 +1,4 @@
-"""Is a pretraining run learning content, or only where each step sits? Two checks on a train.py checkpoint.
+"""Is a pretraining run learning content, or only where each step sits? Checks on a train.py checkpoint.
 
     python diagnose.py --ckpt=out-speech/ckpt.pt
     python diagnose.py --ckpt=out-text/ckpt.pt --batches=8
@@ -9,9 +9,13 @@ Near 1, the targets say where a step is and nothing about what is there: a colla
 because position still varies across the steps. The student then predicts them from positions alone (a held-out
 loss far below the first evaluations is the sign) and learns nothing a downstream task can use.
 
-context_gain (text): the held-out loss with each passage's tokens shuffled, over the loss on intact passages. A
-student that uses its context predicts masked tokens better in real text than in a shuffle of the same words;
-near 1, it does not.
+context_gain and order_gain (text): what the student reads from the words it can see. context_gain is the held-out
+loss when the student sees none of the passage's words (every normal token shown as <mask>, so only positions and
+<s> / </s> remain) over the loss on intact passages; near 1, the visible words tell it nothing about the masked
+ones. A passage of masks is an input the student never trained on, so the ratio also counts its surprise at that
+and bounds what the words are worth from above. order_gain is the loss with each passage's words shuffled over the loss on intact passages; near 1, it reads
+the words as a bag, without their order (the teacher sees the shuffled passage too). A student can use the bag of
+words, for instance the passage's topic, and still have an order_gain of 1.
 
 A masked-LM checkpoint (train.py --objective=mlm, mlm.py) has no teacher targets: only the text checks apply, plus
 the entropy of the training split's token frequencies, the held-out cross-entropy a model that ignores its
@@ -109,10 +113,11 @@ def pooled_layers(model: Data2Vec, source: torch.Tensor, padding_mask: torch.Ten
 
 @torch.no_grad()
 def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float]]:
-    """Both checks over dc.batches held-out batches -> position_similarity (not for a masked-LM run), and for text
-    loss_intact, loss_shuffled (per masked token, every masked token shown as <mask>), context_gain = loss_shuffled /
-    loss_intact, the embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init,
-    and for a masked-LM run frequency_entropy; for every modality feature_rank and feature_rank_init (effective rank
+    """The checks over dc.batches held-out batches -> position_similarity (not for a masked-LM run), and for text
+    loss_intact, loss_shuffled, loss_blank (per masked token, every masked token shown as <mask>; for loss_blank
+    every normal token), context_gain = loss_blank / loss_intact, order_gain = loss_shuffled / loss_intact, the
+    embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init, and for a
+    masked-LM run frequency_entropy; for every modality feature_rank and feature_rank_init (effective rank
     of the pooled features per layer, the Transformer's input first) and examples (how many they pool)."""
     if not dc.ckpt:
         raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
@@ -131,7 +136,7 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float]]:
     g = torch.Generator().manual_seed(dc.seed)
     text = cfg.modality == "text"
     targets_too = cfg.objective != "mlm"                  # a masked-LM run has no teacher targets to compare
-    sims, losses, pooled = [], {"intact": [], "shuffled": []}, {"": [], "_init": []}
+    sims, losses, pooled = [], {"intact": [], "shuffled": [], "blank": []}, {"": [], "_init": []}
     for _ in range(dc.batches):
         b = task.batch("val", g)
         special = task.data.special(b["source"]) if text else None                        # (B, T)
@@ -147,8 +152,10 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float]]:
             real = torch.ones(targets[0].shape[:2], dtype=torch.bool) if frame_pad is None else ~frame_pad  # (B, T')
             sims.append(F.cosine_similarity(targets[0], targets[1], dim=-1)[real].mean().item())
         if text:
-            for name, source in (("intact", b["source"]), ("shuffled", shuffle_tokens(b["source"], special, g))):
-                student = source.masked_fill(b["mask"], task.data.mask_id)                    # (B, T)
+            shuffled = shuffle_tokens(b["source"], special, g)                                # (B, T)
+            for name, source, hidden in (("intact", b["source"], b["mask"]), ("shuffled", shuffled, b["mask"]),
+                                         ("blank", b["source"], ~special)):
+                student = source.masked_fill(hidden, task.data.mask_id)                       # (B, T)
                 loss, _, _ = model(source, b["mask"], teacher, student_source=student)
                 losses[name].append(loss.item() / b["mask"].sum().item())
     result = {"position_similarity": sum(sims) / len(sims)} if targets_too else {}
@@ -157,8 +164,9 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float]]:
         result[f"feature_rank{suffix}"] = [effective_rank(f) for f in layers]
     result["examples"] = len(layers[0])
     if text:
-        intact, shuffled = (sum(losses[k]) / len(losses[k]) for k in ("intact", "shuffled"))
-        result.update(loss_intact=intact, loss_shuffled=shuffled, context_gain=shuffled / intact)
+        intact, shuffled, blank = (sum(losses[k]) / len(losses[k]) for k in ("intact", "shuffled", "blank"))
+        result.update(loss_intact=intact, loss_shuffled=shuffled, loss_blank=blank, context_gain=blank / intact,
+                      order_gain=shuffled / intact)
         for suffix, encoder in (("", model.encoder), ("_init", initial.encoder)):
             token, position = embedding_norms(encoder, task.data.n_normal, cfg.block_size)
             result.update({f"token_norm{suffix}": token, f"position_norm{suffix}": position})
@@ -181,9 +189,10 @@ def main(argv: list[str]) -> int:
         print(f"{dc.ckpt}: a masked-LM run (mlm.py), no teacher targets to compare; a model that ignores its "
               f"context reaches the entropy of the token frequencies, {result['frequency_entropy']:.3f} nats")
     if "context_gain" in result:
-        print(f"held-out loss per masked token: intact {result['loss_intact']:.3f}, tokens shuffled "
-              f"{result['loss_shuffled']:.3f}, ratio {result['context_gain']:.3f} "
-              "(near 1: the student ignores context)")
+        print(f"held-out loss per masked token: intact {result['loss_intact']:.3f}; every word hidden "
+              f"{result['loss_blank']:.3f}, ratio {result['context_gain']:.3f} (near 1: the visible words tell the "
+              f"student nothing); words shuffled {result['loss_shuffled']:.3f}, ratio {result['order_gain']:.3f} "
+              "(near 1: it ignores their order)")
         print(f"embedding norms, mean per row: tokens {result['token_norm_init']:.3f} at initialisation -> "
               f"{result['token_norm']:.3f}, positions {result['position_norm_init']:.3f} -> "
               f"{result['position_norm']:.3f}")

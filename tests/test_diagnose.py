@@ -97,7 +97,9 @@ def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     assert train.main([*TINY, f"--data={tmp_path / 'plays.txt'}", f"--out_dir={tmp_path / 'out'}"]) == 0
     result = diagnose.diagnose(diagnose.DiagnoseConfig(ckpt=str(tmp_path / "out" / "ckpt.pt"), batches=2))
     assert -1.0 <= result["position_similarity"] <= 1.0
-    assert result["loss_intact"] > 0 and result["loss_shuffled"] > 0
+    assert min(result["loss_intact"], result["loss_shuffled"], result["loss_blank"]) > 0
+    assert result["context_gain"] == pytest.approx(result["loss_blank"] / result["loss_intact"])
+    assert result["order_gain"] == pytest.approx(result["loss_shuffled"] / result["loss_intact"])
     assert result["token_norm_init"] == pytest.approx(0.02 * 32 ** 0.5, rel=0.3)        # std 0.02 rows of width 32
     assert result["position_norm"] != result["position_norm_init"]                         # two updates moved them
     assert result["examples"] == 8                                                          # 2 batches of 4
