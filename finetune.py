@@ -4,6 +4,7 @@
     python finetune.py --modality=text --init_from=out-text/ckpt.pt --mode=probe    # linear probe, frozen encoder
     python finetune.py --modality=text --init_from=random                           # same model, no pretraining
     python finetune.py --modality=text --init_from=bag --mode=probe                 # no encoder: word counts
+    python finetune.py --modality=text --init_from=ppmi --mode=probe                # no encoder: counted word vectors
     python finetune.py --modality=text --init_from=out-text/ckpt.pt --train=SST-2/train.tsv --test=SST-2/dev.tsv
 
     python finetune.py --modality=vision --init_from=out-vision/ckpt.pt --label_fraction=0.1    # 10 % of the labels
@@ -29,6 +30,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,7 +51,8 @@ class FinetuneConfig:
     modality: str = "text"
     init_from: str = ""         # a train.py checkpoint (out-text/ckpt.pt), "random", or an official one (hf.py):
                                 # a save_pretrained folder or a hub name (facebook/data2vec-audio-base);
-                                # text probe only: "bag", the passage's token counts with no encoder (a reference)
+                                # text probe only, references with no encoder: "bag", the passage's token counts;
+                                # "ppmi", the mean of its word vectors counted on the pretraining split
     preset: str = "small"       # with --init_from=random: the architecture to build
     mode: str = "finetune"      # finetune (all weights) | probe (frozen encoder, linear classifier)
     train: str = ""             # '' = the default task; else a TSV file `sentence<TAB>label`
@@ -123,6 +126,9 @@ class Classifier(nn.Module):
         return self.head(self.features(source))                         # (B, classes)
 
 
+REFERENCES = {"bag": "token counts", "ppmi": "word vectors counted on the pretraining split"}
+
+
 class BagOfTokens(nn.Module):
     """The text probe's reference without an encoder: log(1 + count) of each normal token type in the passage
     (special tokens and padding, ids >= n_types, left out): what a linear classifier reads from word choice alone."""
@@ -138,6 +144,60 @@ class BagOfTokens(nn.Module):
         return counts[:, :-1].log1p()                                   # (B, n_types)
 
 
+class WordVectors(nn.Module):
+    """The text probe's reference for learned word meaning without a network: a passage is the mean of its normal
+    tokens' vectors (ppmi_vectors of the pretraining split; special ids, >= n_types, left out)."""
+
+    def __init__(self, vectors: torch.Tensor):
+        super().__init__()
+        self.register_buffer("vectors", vectors)                        # (n_types, C)
+
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        n_types = self.vectors.shape[0]
+        normal = (tokens < n_types).unsqueeze(-1).float()               # (B, T, 1)
+        v = self.vectors[tokens.clamp(max=n_types - 1)] * normal        # (B, T, C)
+        return v.sum(1) / normal.sum(1).clamp(min=1)                    # (B, C)
+
+
+def ppmi_vectors(stream: np.ndarray, n_types: int, dim: int, window: int = 5, max_types: int = 8192) -> torch.Tensor:
+    """Word vectors by counting (Levy, Goldberg & Dagan 2015): how often each pair of normal tokens (ids below
+    n_types) lies within `window` tokens of each other in `stream`, as positive pointwise mutual information with the
+    context frequencies raised to 0.75, factored by a truncated SVD -> (n_types, dim) = U sqrt(S). Only the max_types
+    most frequent types are counted (the matrix is max_types^2), the others keep zero vectors. Randomised SVD: seed
+    torch first for the same vectors every time."""
+    ids = torch.from_numpy(np.asarray(stream).astype(np.int64))        # (N,)
+    freq = torch.bincount(ids[ids < n_types], minlength=n_types)       # (n_types,)
+    kept = freq.argsort(descending=True)[:min(max_types, int((freq > 0).sum()))]   # (K,) the types that get vectors
+    K = len(kept)
+    if K < 2:
+        raise DataError("the token stream has fewer than two distinct normal tokens: too little text for word vectors")
+    index = torch.full((n_types + 1,), -1, dtype=torch.long)           # type -> row in the count matrix, -1 = not kept
+    index[kept] = torch.arange(K)
+    rows = index[ids.clamp(max=n_types)]                               # (N,) special ids map to the spare -1 entry
+    counts = torch.zeros(K * K, dtype=torch.float64)                   # (K^2,) pair counts, both orders
+    for d in range(1, window + 1):
+        a, b = rows[:-d], rows[d:]
+        keep = (a >= 0) & (b >= 0)
+        a, b = a[keep], b[keep]
+        counts += torch.bincount(a * K + b, minlength=K * K)
+        counts += torch.bincount(b * K + a, minlength=K * K)
+    counts = counts.view(K, K)
+    if counts.sum() == 0:
+        raise DataError(f"the token stream has no two normal tokens within {window} of each other")
+    word = counts.sum(1, keepdim=True) / counts.sum()                  # (K, 1)
+    context = counts.sum(0, keepdim=True) ** 0.75                      # (1, K)
+    context = context / context.sum()
+    pmi = torch.log(counts / counts.sum() / (word * context))          # (K, K); -inf or nan where unseen
+    ppmi = torch.nan_to_num(pmi, nan=0.0, neginf=0.0).clamp(min=0).float()
+    u, s, _ = torch.svd_lowrank(ppmi, q=min(dim, K), niter=4)          # (K, q), (q,)
+    vectors = torch.zeros(n_types, dim)
+    vectors[kept, :len(s)] = u * s.sqrt()
+    return vectors
+
+
+Probed = Classifier | BagOfTokens | WordVectors     # what the probe reads features from
+
+
 def roberta_head(dim: int, n_classes: int, dropout: float) -> nn.Module:
     """RoBERTa's sentence head: dropout, dense, tanh, dropout, out."""
     return nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, dim), nn.Tanh(), nn.Dropout(dropout),
@@ -148,7 +208,7 @@ def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
     """The pretraining config (architecture and data) and weights of --init_from, read once: `encoder.*` and
     `transformer.*` (plus an official checkpoint's task head, `lm_head.*` or `head.*`); for random weights, the
     preset's config and None."""
-    if fc.init_from in ("random", "bag"):
+    if fc.init_from in ("random", *REFERENCES):
         return Config(**{**PRESETS[fc.modality][fc.preset], "modality": fc.modality}), None
     if hf.is_hf_source(fc.init_from):
         model = hf.from_pretrained(fc.init_from)
@@ -213,9 +273,9 @@ def run(fc: FinetuneConfig) -> dict:
         raise ConfigError(f"--mode={fc.mode}: use finetune or probe")
     if fc.modality not in RUNNERS:
         raise ConfigError(f"unknown modality {fc.modality!r}: choose one of {', '.join(RUNNERS)}")
-    if fc.init_from == "bag" and (fc.modality, fc.mode) != ("text", "probe"):
-        raise ConfigError("--init_from=bag (token counts, no encoder) is a reference for the text probe: pass "
-                          "--modality=text --mode=probe")
+    if fc.init_from in REFERENCES and (fc.modality, fc.mode) != ("text", "probe"):
+        raise ConfigError(f"--init_from={fc.init_from} ({REFERENCES[fc.init_from]}, no encoder) is a reference for the "
+                          "text probe: pass --modality=text --mode=probe")
     if fc.probe_layer != -1 and fc.mode != "probe":
         raise ConfigError(f"--probe_layer={fc.probe_layer} chooses what the probe reads: pass --mode=probe")
     cfg, state = pretrained(fc)
@@ -258,9 +318,12 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
     x_train, x_test = encode(tr_text), encode(te_text)                 # (N, T)
     keep = subset(y_train, fc.label_fraction, fc.seed)
     x_train, y_train = x_train[keep], y_train[keep]
-    if fc.init_from == "bag":
-        torch.manual_seed(fc.seed)                                       # the probe's initial weights
-        return fit_and_test(BagOfTokens(task.data.n_normal), fc, (x_train, y_train), (x_test, y_test), autocast,
+    if fc.init_from in REFERENCES:
+        torch.manual_seed(fc.seed)                                       # the SVD's and the probe's initial weights
+        n_normal = task.data.n_normal
+        reference = (BagOfTokens(n_normal) if fc.init_from == "bag" else
+                     WordVectors(ppmi_vectors(task.data.data["train"], n_normal, cfg.dim)))
+        return fit_and_test(reference, fc, (x_train, y_train), (x_test, y_test), autocast,
                             view=lambda x, g: x.to(device), classes=classes, device=device)
     encoder, transformer = init_student(fc, build, state)
     # fine-tuning: RoBERTa's head on <s>. The probe averages the tokens instead: data2vec regresses targets at masked
@@ -290,7 +353,7 @@ def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
                         autocast, view=lambda x, g: data.view(x, g).to(device), classes=data.class_names, device=device)
 
 
-def fit_and_test(model: Classifier | BagOfTokens, fc: FinetuneConfig, train: tuple, test: tuple, autocast, view,
+def fit_and_test(model: Probed, fc: FinetuneConfig, train: tuple, test: tuple, autocast, view,
                  classes: list, device: torch.device) -> dict:
     """Probe or fine-tune on train = (inputs, labels), report top-1 accuracy on test. view(inputs, generator) turns
     stored inputs into a model batch on the device (augmented when a generator is given)."""
@@ -303,7 +366,7 @@ def fit_and_test(model: Classifier | BagOfTokens, fc: FinetuneConfig, train: tup
     return dict(accuracy=acc, n_train=len(x_train), n_test=len(x_test))
 
 
-def probe(model: Classifier | BagOfTokens, fc: FinetuneConfig, x_train, y_train, x_test, y_test, autocast, view) -> float:
+def probe(model: Probed, fc: FinetuneConfig, x_train, y_train, x_test, y_test, autocast, view) -> float:
     """Linear probe: features of the frozen encoder, computed once, standardised, then a logistic regression."""
     model.eval()
     with torch.no_grad(), autocast:

@@ -4,6 +4,7 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,6 +56,8 @@ def test_bad_input(pretrained, tmp_path, capsys):
     assert "--mode=linear" in capsys.readouterr().err
     assert finetune.main(["--init_from=bag"]) == 1
     assert "reference for the text probe" in capsys.readouterr().err
+    assert finetune.main(["--init_from=ppmi", "--modality=vision", "--mode=probe"]) == 1
+    assert "--init_from=ppmi (word vectors" in capsys.readouterr().err
     assert finetune.main(["--init_from=random", "--probe_layer=0"]) == 1
     assert "pass --mode=probe" in capsys.readouterr().err
     args = [f"--init_from={ckpt}", "--mode=probe", "--probe_layer=3", "--max_len=32", f"--train={tmp / 'train.tsv'}",
@@ -73,6 +76,44 @@ def test_bag_of_tokens_counts_normal_tokens():
         counts = Counter(t for t in row if t < 20)
         expected = torch.tensor([float(counts[t]) for t in range(20)]).log1p()
         torch.testing.assert_close(f, expected)
+
+
+def test_ppmi_vectors_factor_a_naive_ppmi_matrix():
+    """Against pair counts from a Python loop, PPMI written out entry by entry and numpy's full SVD: at full rank the
+    vectors' Gram matrix is U S U^T (signs drop out). Special ids (>= n_types) are neither words nor contexts."""
+    rng = np.random.default_rng(0)
+    n, window = 6, 2
+    stream = rng.integers(0, n + 2, 400)                              # ids 6 and 7 play the special tokens
+    counts = np.zeros((n, n))
+    for i in range(len(stream)):
+        for j in range(i + 1, min(i + window + 1, len(stream))):
+            if stream[i] < n and stream[j] < n:
+                counts[stream[i], stream[j]] += 1
+                counts[stream[j], stream[i]] += 1
+    total, context = counts.sum(), counts.sum(0) ** 0.75
+    ppmi = np.zeros((n, n))
+    for w in range(n):
+        for c in range(n):
+            if counts[w, c]:
+                pmi = np.log(counts[w, c] / total / (counts[w].sum() / total * context[c] / context.sum()))
+                ppmi[w, c] = max(pmi, 0.0)
+    u, s, _ = np.linalg.svd(ppmi)
+    torch.manual_seed(0)
+    vectors = finetune.ppmi_vectors(stream, n, dim=n, window=window)  # (n, n)
+    expected = torch.tensor(u * s @ u.T, dtype=torch.float32)                 # (n, n)
+    torch.testing.assert_close(vectors @ vectors.T, expected, atol=1e-4, rtol=1e-4)
+    torch.manual_seed(0)
+    capped = finetune.ppmi_vectors(stream, n, dim=3, window=window, max_types=3)       # the 3 most frequent types only
+    freq = np.bincount(stream[stream < n], minlength=n)
+    zero = (capped.abs().sum(1) == 0).numpy()
+    assert capped.shape == (n, 3) and zero.sum() == n - 3 and freq[zero].max() <= freq[~zero].min()
+
+
+def test_word_vectors_average_the_normal_tokens():
+    vectors = torch.randn(5, 3)
+    tokens = torch.tensor([[0, 1, 6, 7], [4, 4, 4, 5]])                # 5 and up are special ids
+    features = finetune.WordVectors(vectors).features(tokens)         # (2, 3)
+    torch.testing.assert_close(features, torch.stack([vectors[[0, 1]].mean(0), vectors[4]]))
 
 
 def test_label_subset_is_stratified():
