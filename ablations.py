@@ -119,10 +119,12 @@ def masked_loss(model: Data2Vec, teacher: EMATeacher, tokens: torch.Tensor,
     return loss / mask.sum(), y
 
 
-def pretrain_sequences(model: Data2Vec, sample, iters: int, lr: float,
-                       g: torch.Generator) -> tuple[EMATeacher, list[float]]:
-    """iters updates of the text recipe's optimiser on batches sample() -> (teacher, target_var per update)."""
-    teacher = EMATeacher(model.student, 0.99, 0.999, max(iters, 1))
+def pretrain_sequences(model: Data2Vec, sample, iters: int, lr: float, g: torch.Generator,
+                       tau: tuple[float, float] = (0.99, 0.999)) -> tuple[EMATeacher, list[float]]:
+    """iters updates of the text recipe's optimiser on batches sample(), the teacher's tau rising from tau[0] to
+    tau[1] over them (the small text preset's default; the paper's: 0.999, 0.9999) -> (teacher, target_var per
+    update)."""
+    teacher = EMATeacher(model.student, *tau, max(iters, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     target_var = []
     for step in range(iters):

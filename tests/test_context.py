@@ -15,15 +15,16 @@ from data2vec import TargetConfig
 V, T, B = 64, 32, 32     # token types, sequence length, batch
 
 
-def context_ratio(seed: int, noise: float, steps: int = 1000, lr: float = 2e-3, length: int = T) -> float:
-    """Train a 2-block student for `steps` updates on chains of `length` tokens; -> held-out loss on shuffled / intact
-    sequences."""
+def context_ratio(seed: int, noise: float, steps: int = 1000, lr: float = 2e-3, length: int = T,
+                  tau: tuple[float, float] = (0.99, 0.999)) -> float:
+    """Train a 2-block student for `steps` updates on chains of `length` tokens, the teacher's tau rising from tau[0]
+    to tau[1]; -> held-out loss on shuffled / intact sequences."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     successor = torch.randperm(V, generator=g)
     model = sequence_student(V, length, n_layer=2, targets=TargetConfig(top_k=2))
     sample = lambda: markov_chain(successor, B, length, g, noise)               # (B, length)
-    teacher, _ = pretrain_sequences(model, sample, steps, lr, g)
+    teacher, _ = pretrain_sequences(model, sample, steps, lr, g, tau)
     model.eval()
 
     def loss(shuffle: bool) -> float:
