@@ -13,9 +13,10 @@ context_gain and order_gain (text): what the student reads from the words it can
 loss when the student sees none of the passage's words (every normal token shown as <mask>, so only positions and
 <s> / </s> remain) over the loss on intact passages; near 1, the visible words tell it nothing about the masked
 ones. A passage of masks is an input the student never trained on, so the ratio also counts its surprise at that
-and bounds what the words are worth from above. order_gain is the loss with each passage's words shuffled over the loss on intact passages; near 1, it reads
-the words as a bag, without their order (the teacher sees the shuffled passage too). A student can use the bag of
-words, for instance the passage's topic, and still have an order_gain of 1.
+and bounds what the words are worth from above. order_gain is the loss with each passage's words shuffled over the
+loss on intact passages; near 1, it reads the words as a bag, without their order (the teacher sees the shuffled
+passage too). A student can use the bag of words, for instance the passage's topic, and still have an order_gain
+of 1.
 
 A masked-LM checkpoint (train.py --objective=mlm, mlm.py) has no teacher targets: only the text checks apply, plus
 the entropy of the training split's token frequencies, the held-out cross-entropy a model that ignores its
@@ -29,6 +30,11 @@ equally spread directions, 1 when the examples differ along one line only. Far b
 pretrained model has gathered the differences between inputs into a few directions. It says how the variance is
 spread, not what the weaker directions still hold (a standardised linear probe reads those too), and it cannot exceed
 the number of examples less one (batches x batch size - 1).
+
+nearest tokens (text, --words): for a few words, the token types whose embedding rows lie closest (cosine), in the
+checkpoint and in word vectors counted from the training split's co-occurrences (finetune.ppmi_vectors): the
+counted ones group words by topic and use (king: King, Henry, crown, England), an untrained table at random, and a
+student that reads its neighbours first groups words that fill the same slot in a sentence (king: master, liege).
 
 embedding norms (text): the mean L2 norm of the token rows (normal tokens) and of the position rows a full passage
 reads, in the checkpoint and in the model the run started from (the same config and seed, freshly initialised).
@@ -46,7 +52,7 @@ import torch.nn.functional as F
 
 from data2vec import Data2Vec, EMATeacher
 from encoders import TextEncoder
-from finetune import mean_pool
+from finetune import mean_pool, ppmi_vectors
 from text_data import DataError
 from train import TASKS, CheckpointError, Config, ConfigError, load_checkpoint, load_state, parse_overrides
 
@@ -56,6 +62,7 @@ class DiagnoseConfig:
     ckpt: str = ""              # a train.py checkpoint (out-<modality>/ckpt.pt)
     batches: int = 4            # held-out batches to average over
     seed: int = 0
+    words: str = "king,lord,death,the,thou"  # text: list these words' nearest token types ('' = skip)
 
 
 def content_free(source: torch.Tensor, modality: str, padding: torch.Tensor | None, special: torch.Tensor | None,
@@ -92,6 +99,26 @@ def frequency_entropy(stream: np.ndarray, n_normal: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def nearest_tokens(table: torch.Tensor, query: int, k: int) -> list[int]:
+    """The k rows of an embedding table (n, C) closest to row `query` by cosine, after centring the table (its mean
+    row would make every pair look alike), the query itself left out."""
+    rows = F.normalize(table.float() - table.float().mean(0), dim=1)                       # (n, C)
+    sims = rows @ rows[query]                                                               # (n,)
+    sims[query] = -float("inf")
+    return sims.topk(k).indices.tolist()
+
+
+def word_neighbours(words: str, enc, tables: dict[str, torch.Tensor], k: int = 5) -> dict[str, dict[str, list[str]]]:
+    """{word: {table name: its k nearest token types}} for each comma-separated word that is one token of `enc` (as
+    it appears mid-sentence, after a space); other words are left out."""
+    result = {}
+    for word in filter(None, (w.strip() for w in words.split(","))):
+        ids = enc.encode_ordinary(" " + word)
+        if len(ids) == 1:
+            result[word] = {name: [enc.decode([i]) for i in nearest_tokens(t, ids[0], k)] for name, t in tables.items()}
+    return result
+
+
 def effective_rank(features: torch.Tensor) -> float:
     """exp(entropy of the variance shares of the principal components) of features (N, C), N examples."""
     centred = features.double() - features.double().mean(0)                               # (N, C)
@@ -112,12 +139,13 @@ def pooled_layers(model: Data2Vec, source: torch.Tensor, padding_mask: torch.Ten
 
 
 @torch.no_grad()
-def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float]]:
+def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
     """The checks over dc.batches held-out batches -> position_similarity (not for a masked-LM run), and for text
     loss_intact, loss_shuffled, loss_blank (per masked token, every masked token shown as <mask>; for loss_blank
     every normal token), context_gain = loss_blank / loss_intact, order_gain = loss_shuffled / loss_intact, the
     embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init, and for a
-    masked-LM run frequency_entropy; for every modality feature_rank and feature_rank_init (effective rank
+    masked-LM run frequency_entropy, and with dc.words neighbours (word_neighbours of the checkpoint's token
+    embeddings and of counted word vectors); for every modality feature_rank and feature_rank_init (effective rank
     of the pooled features per layer, the Transformer's input first) and examples (how many they pool)."""
     if not dc.ckpt:
         raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
@@ -170,6 +198,12 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float]]:
         for suffix, encoder in (("", model.encoder), ("_init", initial.encoder)):
             token, position = embedding_norms(encoder, task.data.n_normal, cfg.block_size)
             result.update({f"token_norm{suffix}": token, f"position_norm{suffix}": position})
+        if dc.words:
+            n_normal = task.data.n_normal
+            torch.manual_seed(dc.seed)                                                      # the randomised SVD
+            counted = ppmi_vectors(task.data.data["train"], n_normal, cfg.dim)               # (n_normal, C)
+            tables = {"checkpoint": model.encoder.tokens.weight[:n_normal], "counted": counted}
+            result["neighbours"] = word_neighbours(dc.words, task.data.enc, tables)
         if not targets_too:
             result["frequency_entropy"] = frequency_entropy(np.asarray(task.data.data["train"]), task.data.n_normal)
     return result
@@ -196,6 +230,9 @@ def main(argv: list[str]) -> int:
         print(f"embedding norms, mean per row: tokens {result['token_norm_init']:.3f} at initialisation -> "
               f"{result['token_norm']:.3f}, positions {result['position_norm_init']:.3f} -> "
               f"{result['position_norm']:.3f}")
+    for word, lists in result.get("neighbours", {}).items():
+        print(f"nearest token types to {word!r}: in the checkpoint's embeddings {lists['checkpoint']}; in word "
+              f"vectors counted on the training split (finetune.ppmi_vectors) {lists['counted']}")
     rank = lambda key: " / ".join(f"{r:.1f}" for r in result[key])
     print(f"pooled features of {result['examples']} held-out examples, effective rank at the Transformer's input, then "
           f"after each block: {rank('feature_rank')} (at initialisation: {rank('feature_rank_init')}; far below it: "

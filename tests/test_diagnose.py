@@ -11,7 +11,8 @@ import torch
 import diagnose
 import train
 from data2vec import Data2Vec, TargetConfig
-from diagnose import content_free, effective_rank, embedding_norms, frequency_entropy, pooled_layers, shuffle_tokens
+from diagnose import (content_free, effective_rank, embedding_norms, frequency_entropy, nearest_tokens, pooled_layers,
+                      shuffle_tokens)
 from encoders import TextEncoder
 from transformer import TransformerConfig
 
@@ -91,12 +92,26 @@ def test_pooled_layers_average_the_real_steps_of_each_layer():
     torch.testing.assert_close(layers[-1][1], alone[0].mean(0), atol=1e-5, rtol=1e-5)
 
 
+def test_nearest_tokens_against_a_loop_over_rows():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(12, 5, generator=g)
+    table[7] = 2 * table[3] + 0.01                                      # row 7 points where row 3 does
+    centred = table - table.mean(0)
+    cosine = lambda a, b: float(a @ b / (a.norm() * b.norm()))
+    naive = sorted((j for j in range(12) if j != 3), key=lambda j: -cosine(centred[3], centred[j]))[:4]
+    assert nearest_tokens(table, 3, 4) == naive
+    assert nearest_tokens(table, 3, 1) == [7]
+
+
 def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     with tarfile.open(ROOT / "data" / "shakespeare.tar.xz") as tar:
         (tmp_path / "plays.txt").write_text(tar.extractfile("shakespeare/tempest.txt").read().decode())
     assert train.main([*TINY, f"--data={tmp_path / 'plays.txt'}", f"--out_dir={tmp_path / 'out'}"]) == 0
-    result = diagnose.diagnose(diagnose.DiagnoseConfig(ckpt=str(tmp_path / "out" / "ckpt.pt"), batches=2))
+    result = diagnose.diagnose(diagnose.DiagnoseConfig(ckpt=str(tmp_path / "out" / "ckpt.pt"), batches=2,
+                                                       words="the,Prospero-not-one-token"))
     assert -1.0 <= result["position_similarity"] <= 1.0
+    assert list(result["neighbours"]) == ["the"]                                            # one token in the BPE
+    assert [len(v) for v in result["neighbours"]["the"].values()] == [5, 5]                 # checkpoint, counted
     assert min(result["loss_intact"], result["loss_shuffled"], result["loss_blank"]) > 0
     assert result["context_gain"] == pytest.approx(result["loss_blank"] / result["loss_intact"])
     assert result["order_gain"] == pytest.approx(result["loss_shuffled"] / result["loss_intact"])
