@@ -33,8 +33,9 @@ the number of examples less one (batches x batch size - 1).
 
 nearest tokens (text, --words): for a few words, the token types whose embedding rows lie closest (cosine), in the
 checkpoint and in word vectors counted from the training split's co-occurrences (finetune.ppmi_vectors): the
-counted ones group words by topic and use (king: King, Henry, crown, England), an untrained table at random, and a
-student that reads its neighbours first groups words that fill the same slot in a sentence (king: master, liege).
+counted ones group words by topic and use (king: King, Henry, crown, England), an untrained table at random; the
+students measured so far that read their neighbours group words that fill the same slot in a sentence (king:
+master, liege; README).
 
 embedding norms (text): the mean L2 norm of the token rows (normal tokens) and of the position rows a full passage
 reads, in the checkpoint and in the model the run started from (the same config and seed, freshly initialised).
@@ -200,8 +201,9 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
             result.update({f"token_norm{suffix}": token, f"position_norm{suffix}": position})
         if dc.words:
             n_normal = task.data.n_normal
-            torch.manual_seed(dc.seed)                                                      # the randomised SVD
-            counted = ppmi_vectors(task.data.data["train"], n_normal, cfg.dim)               # (n_normal, C)
+            with torch.random.fork_rng():                         # the randomised SVD, without reseeding the caller
+                torch.manual_seed(dc.seed)
+                counted = ppmi_vectors(task.data.data["train"], n_normal, cfg.dim)           # (n_normal, C)
             tables = {"checkpoint": model.encoder.tokens.weight[:n_normal], "counted": counted}
             result["neighbours"] = word_neighbours(dc.words, task.data.enc, tables)
         if not targets_too:
