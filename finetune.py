@@ -154,9 +154,8 @@ class WordVectors(nn.Module):
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         n_types = self.vectors.shape[0]
-        normal = (tokens < n_types).unsqueeze(-1).float()               # (B, T, 1)
-        v = self.vectors[tokens.clamp(max=n_types - 1)] * normal        # (B, T, C)
-        return v.sum(1) / normal.sum(1).clamp(min=1)                    # (B, C)
+        v = self.vectors[tokens.clamp(max=n_types - 1)]                 # (B, T, C)
+        return mean_pool(v, tokens >= n_types, prefix=0)                # (B, C) special ids count as padding
 
 
 def ppmi_vectors(stream: np.ndarray, n_types: int, dim: int, window: int = 5, max_types: int = 8192) -> torch.Tensor:
@@ -169,8 +168,6 @@ def ppmi_vectors(stream: np.ndarray, n_types: int, dim: int, window: int = 5, ma
     freq = torch.bincount(ids[ids < n_types], minlength=n_types)       # (n_types,)
     kept = freq.argsort(descending=True)[:min(max_types, int((freq > 0).sum()))]   # (K,) the types that get vectors
     K = len(kept)
-    if K < 2:
-        raise DataError("the token stream has fewer than two distinct normal tokens: too little text for word vectors")
     index = torch.full((n_types + 1,), -1, dtype=torch.long)           # type -> row in the count matrix, -1 = not kept
     index[kept] = torch.arange(K)
     rows = index[ids.clamp(max=n_types)]                               # (N,) special ids map to the spare -1 entry

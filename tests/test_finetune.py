@@ -107,6 +107,8 @@ def test_ppmi_vectors_factor_a_naive_ppmi_matrix():
     freq = np.bincount(stream[stream < n], minlength=n)
     zero = (capped.abs().sum(1) == 0).numpy()
     assert capped.shape == (n, 3) and zero.sum() == n - 3 and freq[zero].max() <= freq[~zero].min()
+    with pytest.raises(finetune.DataError, match="no two normal tokens"):
+        finetune.ppmi_vectors(np.array([6, 7, 6, 7]), n, dim=3)        # special ids only
 
 
 def test_word_vectors_average_the_normal_tokens():
