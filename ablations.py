@@ -102,10 +102,14 @@ def markov_chain(successor: torch.Tensor, n: int, length: int, g: torch.Generato
     return ids
 
 
-def sequence_student(n_types: int, seq_len: int, n_layer: int, targets: TargetConfig) -> Data2Vec:
-    """A width-64 text student over ids 0 .. n_types - 1, with <pad> = n_types and <mask> = n_types + 1."""
-    return Data2Vec(TextEncoder(n_types + 2, 64, seq_len, n_types, dropout=0.1),
-                    TransformerConfig(n_layer=n_layer, dim=64, n_head=4, ffn_dim=256, dropout=0.1, attn_dropout=0.1),
+def sequence_student(n_types: int, seq_len: int, n_layer: int, targets: TargetConfig,
+                     positions: str = "absolute") -> Data2Vec:
+    """A width-64 text student over ids 0 .. n_types - 1, with <pad> = n_types and <mask> = n_types + 1; positions as
+    train.py's --positions (absolute: RoBERTa's learned rows; relative: a 1D bias in attention)."""
+    relative = positions == "relative"
+    return Data2Vec(TextEncoder(n_types + 2, 64, seq_len, n_types, dropout=0.1, positions=not relative),
+                    TransformerConfig(n_layer=n_layer, dim=64, n_head=4, ffn_dim=256, dropout=0.1, attn_dropout=0.1,
+                                      rel_pos_len=seq_len if relative else 0),
                     targets, head_hidden=True)
 
 

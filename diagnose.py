@@ -43,6 +43,7 @@ The teacher reads the student's embeddings (shared, SPEC §2), so positions that
 the teacher's input, and its targets, towards position.
 """
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,8 +88,11 @@ def shuffle_tokens(tokens: torch.Tensor, special: torch.Tensor, generator: torch
 
 
 def embedding_norms(encoder: TextEncoder, n_normal: int, block_size: int) -> tuple[float, float]:
-    """-> mean L2 norm of the normal tokens' embedding rows, of the position rows 2 .. block_size + 1."""
+    """-> mean L2 norm of the normal tokens' embedding rows, of the position rows 2 .. block_size + 1 (nan for an
+    encoder without them, --positions=relative)."""
     tokens = encoder.tokens.weight[:n_normal]                                              # (n_normal, C)
+    if encoder.positions is None:
+        return tokens.norm(dim=1).mean().item(), float("nan")
     positions = encoder.positions.weight[2:block_size + 2]                                 # (block_size, C)
     return tokens.norm(dim=1).mean().item(), positions.norm(dim=1).mean().item()
 
@@ -229,9 +233,10 @@ def main(argv: list[str]) -> int:
               f"{result['loss_blank']:.3f}, ratio {result['context_gain']:.3f} (near 1: the visible words tell the "
               f"student nothing); words shuffled {result['loss_shuffled']:.3f}, ratio {result['order_gain']:.3f} "
               "(near 1: it ignores their order)")
+        positions = ("none (relative positions)" if math.isnan(result["position_norm"]) else
+                     f"{result['position_norm_init']:.3f} -> {result['position_norm']:.3f}")
         print(f"embedding norms, mean per row: tokens {result['token_norm_init']:.3f} at initialisation -> "
-              f"{result['token_norm']:.3f}, positions {result['position_norm_init']:.3f} -> "
-              f"{result['position_norm']:.3f}")
+              f"{result['token_norm']:.3f}, positions {positions}")
     for word, lists in result.get("neighbours", {}).items():
         print(f"nearest token types to {word!r}: in the checkpoint's embeddings {lists['checkpoint']}; in word "
               f"vectors counted on the training split (finetune.ppmi_vectors) {lists['counted']}")

@@ -20,27 +20,32 @@ class TextEncoder(nn.Module):
     Positions follow RoBERTa: position id = (count of real tokens so far) + 1, so the first token reads row 2
     and padding reads row 1 (fairseq's padding_idx + 1 offset); the table has max_len + 2 rows.
     There is no apply_mask: the student's view is BERT's corrupted token ids (masking.bert_mask), which
-    data2vec.py embeds with embed().
+    data2vec.py embeds with embed(). positions=False leaves the table out: the Transformer's relative position bias
+    (rel_pos_len) then carries word order, and nothing about where a step sits reaches the targets from here.
     """
 
     n_prefix = 0
 
-    def __init__(self, vocab_size: int, dim: int, max_len: int, pad_id: int, dropout: float, ln_eps: float = 1e-5):
+    def __init__(self, vocab_size: int, dim: int, max_len: int, pad_id: int, dropout: float, ln_eps: float = 1e-5,
+                 positions: bool = True):
         super().__init__()
         self.pad_id = pad_id
         self.tokens = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
-        self.positions = nn.Embedding(max_len + 2, dim, padding_idx=1)
+        self.positions = nn.Embedding(max_len + 2, dim, padding_idx=1) if positions else None
         self.ln = nn.LayerNorm(dim, eps=ln_eps)
         self.drop = nn.Dropout(dropout)
         for emb in (self.tokens, self.positions):
-            nn.init.normal_(emb.weight, std=0.02)
-            emb.weight.data[emb.padding_idx].zero_()
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
+                emb.weight.data[emb.padding_idx].zero_()
 
     def embed(self, tokens: Tensor, padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """tokens: (B, T) long -> x (B, T, C), padding_mask (B, T) bool (read from the pad id)."""
         return self.tokens(tokens), tokens == self.pad_id
 
     def forward(self, x: Tensor, padding_mask: Tensor) -> Tensor:
+        if self.positions is None:
+            return self.drop(self.ln(x))
         keep = (~padding_mask).long()                                # (B, T)
         position_ids = torch.cumsum(keep, dim=1) * keep + 1          # (B, T): 2, 3, ... for tokens, 1 for padding
         return self.drop(self.ln(x + self.positions(position_ids)))

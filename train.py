@@ -71,6 +71,8 @@ class Config:
     block_size: int = 128       # tokens per sequence, <s> and </s> included
     vocab_size: int = 8192      # BPE types trained on the corpus when GPT-2's files are not cached
     tokenizer: str = "auto"     # auto (gpt2 if cached, else bpe) | gpt2 | bpe
+    positions: str = "absolute"  # absolute (RoBERTa's learned rows, shared with the teacher) | relative (a learned
+                                #   bias per head and offset inside attention, BEiT's bias in 1D; no absolute rows)
     mask_prob: float = 0.15     # text: BERT's fraction of tokens; speech: span-start prob x mask_span (fairseq's 0.65)
     token_span: int = 1         # text: tokens per masked span (1 = BERT's single tokens; the released config: 4)
     mask_replace: float = 0.8   # text: of the masked tokens, the share replaced by <mask> (BERT: 0.8) ...
@@ -189,8 +191,8 @@ PRESETS: dict[str, dict[str, dict]] = {
 }
 
 # Fields that fix the model or the data; a resumed run must agree with its checkpoint on these.
-ARCH_FIELDS = [f.name for f in fields(TransformerConfig) if f.name != "rel_pos_grid"] + [
-    "modality", "objective", "data", "block_size", "vocab_size", "tokenizer", "seed", "img_size", "patch_size",
+ARCH_FIELDS = [f.name for f in fields(TransformerConfig) if f.name not in ("rel_pos_grid", "rel_pos_len")] + [
+    "modality", "objective", "data", "block_size", "vocab_size", "tokenizer", "positions", "seed", "img_size", "patch_size",
     "conv_dim", "conv_layers", "pos_conv_layers", "pos_conv_kernel", "pos_conv_groups", "max_samples"]
 
 
@@ -244,6 +246,14 @@ def parse_args(argv: list[str]) -> Config:
     if preset not in PRESETS[modality]:
         raise ConfigError(f"unknown preset {preset!r} for {modality}: choose one of {', '.join(PRESETS[modality])}")
     cfg = Config(**{**PRESETS[modality][preset], **overrides})
+    if cfg.max_iters < 1:
+        raise ConfigError(f"--max_iters={cfg.max_iters}: pretraining needs at least one update (an untrained encoder "
+                          "is finetune.py --init_from=random)")
+    if cfg.positions not in ("absolute", "relative"):
+        raise ConfigError(f"unknown --positions={cfg.positions}: use absolute or relative")
+    if cfg.positions == "relative" and cfg.modality != "text":
+        raise ConfigError("--positions chooses how text encodes word order; vision always uses BEiT's relative bias, "
+                          "speech its positional convolution")
     if cfg.objective not in ("data2vec", "mlm"):
         raise ConfigError(f"unknown --objective={cfg.objective}: use data2vec or mlm")
     if cfg.objective == "mlm" and cfg.modality != "text":
@@ -280,9 +290,13 @@ class TextTask:
 
     def build_model(self) -> Data2Vec:
         cfg = self.cfg
-        encoder = TextEncoder(self.data.vocab_size, cfg.dim, cfg.block_size, self.data.pad_id, cfg.dropout, cfg.ln_eps)
+        relative = cfg.positions == "relative"
+        encoder = TextEncoder(self.data.vocab_size, cfg.dim, cfg.block_size, self.data.pad_id, cfg.dropout, cfg.ln_eps,
+                              positions=not relative)
+        transformer = sub_config(TransformerConfig, cfg)
+        transformer.rel_pos_len = cfg.block_size if relative else 0
         model = MaskedLM if cfg.objective == "mlm" else Data2Vec
-        return model(encoder, sub_config(TransformerConfig, cfg), sub_config(TargetConfig, cfg), head_hidden=True)
+        return model(encoder, transformer, sub_config(TargetConfig, cfg), head_hidden=True)
 
     def batch(self, split: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
         d = self.data

@@ -1,6 +1,6 @@
 """The Transformer encoder, written by hand: one Block class that is post-LN (RoBERTa, wav2vec 2.0) or pre-LN
 (BEiT) by config, multi-head attention through F.scaled_dot_product_attention, and BEiT's shared relative position
-bias for images.
+bias for images (2D) and, optionally, text (1D).
 
 Every block can hand back the tensor that data2vec builds its targets from (SPEC §1.4, §2):
   "ffn"   the FFN output (fc2) before dropout, residual and LayerNorm   (speech, text; the paper's choice)
@@ -33,7 +33,11 @@ class TransformerConfig:
     ln_eps: float = 1e-5
     final_ln: bool = False        # LayerNorm after the last block (pre-LN models need one)
     rel_pos_grid: tuple[int, int] | None = None  # (h, w) patch grid: BEiT's shared relative position bias
-    rel_pos_per_layer: bool = False  # with rel_pos_grid: one bias table per block instead (BEiT's fine-tuned models)
+    rel_pos_len: int = 0          # > 0: a 1D relative position bias for sequences of up to this many steps (text)
+    rel_pos_per_layer: bool = False  # with either: one bias table per block instead (BEiT's fine-tuned models)
+
+    def __post_init__(self):
+        assert not (self.rel_pos_grid and self.rel_pos_len), "a relative position bias is 2D (grid) or 1D, not both"
 
 
 class Attention(nn.Module):
@@ -83,15 +87,14 @@ class Block(nn.Module):
             self.gamma2 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale))
         else:
             self.gamma1 = self.gamma2 = None
-        per_layer = cfg.rel_pos_grid is not None and cfg.rel_pos_per_layer
-        self.rel_pos = RelativePositionBias(cfg.rel_pos_grid, cfg.n_head) if per_layer else None
+        self.rel_pos = RelativePositionBias.of(cfg) if cfg.rel_pos_per_layer else None
 
     def ffn(self, x: Tensor) -> Tensor:
         return self.fc2(self.act_drop(F.gelu(self.fc1(x))))
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, target_layer: str | None = None) -> tuple[Tensor, Tensor | None]:
         if self.rel_pos is not None:
-            attn_mask = add_bias(attn_mask, self.rel_pos().unsqueeze(0).to(x.dtype))    # (B or 1, H, T, T)
+            attn_mask = add_bias(attn_mask, self.rel_pos(x.shape[1]).unsqueeze(0).to(x.dtype))  # (B or 1, H, T, T)
         if self.pre_ln:
             a = self.attn(self.ln1(x), attn_mask)
             x = x + drop_path(self._scale(self.drop(a), self.gamma1), self.drop_path, self.training)
@@ -128,6 +131,13 @@ def relative_position_index(h: int, w: int) -> Tensor:
     return index
 
 
+def relative_position_index_1d(n: int) -> Tensor:
+    """The 1D analogue for a sequence of n steps: query i, key j read row i - j + n - 1 of a (2n - 1)-row table.
+    Returns (n, n) long."""
+    steps = torch.arange(n)
+    return steps[:, None] - steps[None, :] + n - 1
+
+
 def add_bias(mask: Tensor | None, bias: Tensor) -> Tensor:
     """An SDPA mask (None; bool, True = attend; or additive float) plus an additive bias (1, H, T, T)."""
     if mask is None:
@@ -139,16 +149,32 @@ def add_bias(mask: Tensor | None, bias: Tensor) -> Tensor:
 
 class RelativePositionBias(nn.Module):
     """One learned bias per (head, relative offset), shared by all blocks (BEiT, data2vec vision), or one per block
-    (rel_pos_per_layer: BEiT's and data2vec's fine-tuned image classifiers)."""
+    (rel_pos_per_layer: BEiT's and data2vec's fine-tuned image classifiers). index: (N, N) rows of the table for
+    each (query, key) pair of the longest input; with `shorter`, a sequence of T < N steps reads its top-left (T, T)
+    corner (a patch grid has exactly N steps)."""
 
-    def __init__(self, grid: tuple[int, int], n_head: int):
+    def __init__(self, index: Tensor, n_rows: int, n_head: int, shorter: bool):
         super().__init__()
-        h, w = grid
-        self.table = nn.Parameter(torch.zeros((2 * h - 1) * (2 * w - 1) + 3, n_head))
-        self.register_buffer("index", relative_position_index(h, w), persistent=False)
+        self.shorter = shorter
+        self.table = nn.Parameter(torch.zeros(n_rows, n_head))
+        self.register_buffer("index", index, persistent=False)
 
-    def forward(self) -> Tensor:
-        return self.table[self.index].permute(2, 0, 1)   # (H, N+1, N+1)
+    @classmethod
+    def of(cls, cfg: TransformerConfig) -> "RelativePositionBias | None":
+        """The bias a config asks for: BEiT's over an h x w grid with a CLS token, a 1D one, or None."""
+        if cfg.rel_pos_grid is not None:
+            h, w = cfg.rel_pos_grid
+            return cls(relative_position_index(h, w), (2 * h - 1) * (2 * w - 1) + 3, cfg.n_head, shorter=False)
+        if cfg.rel_pos_len > 0:
+            return cls(relative_position_index_1d(cfg.rel_pos_len), 2 * cfg.rel_pos_len - 1, cfg.n_head, shorter=True)
+        return None
+
+    def forward(self, T: int) -> Tensor:
+        N = self.index.shape[0]
+        if T > N or (T < N and not self.shorter):
+            raise ValueError(f"an input of {T} steps does not fit the relative position bias, built for "
+                             f"{'at most ' if self.shorter else ''}{N}")
+        return self.table[self.index[:T, :T]].permute(2, 0, 1)   # (H, T, T)
 
 
 class Transformer(nn.Module):
@@ -157,8 +183,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         rates = torch.linspace(0, cfg.drop_path, cfg.n_layer).tolist()
         self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
-        shared = cfg.rel_pos_grid is not None and not cfg.rel_pos_per_layer
-        self.rel_pos = RelativePositionBias(cfg.rel_pos_grid, cfg.n_head) if shared else None
+        self.rel_pos = None if cfg.rel_pos_per_layer else RelativePositionBias.of(cfg)
         self.ln_f = nn.LayerNorm(cfg.dim, eps=cfg.ln_eps) if cfg.final_ln else None
         self.apply(self._init)
 
@@ -173,7 +198,7 @@ class Transformer(nn.Module):
     def attn_mask(self, x: Tensor, padding_mask: Tensor | None, allowed: Tensor | None = None) -> Tensor | None:
         """Combine the key-padding mask, an optional (T, T) mask of allowed query-key pairs and the relative
         position bias into one SDPA mask (bool: True = attend, or additive float)."""
-        bias = self.rel_pos().unsqueeze(0).to(x.dtype) if self.rel_pos is not None else None   # (1, H, T, T)
+        bias = self.rel_pos(x.shape[1]).unsqueeze(0).to(x.dtype) if self.rel_pos is not None else None  # (1, H, T, T)
         keep = None
         if padding_mask is not None:
             keep = ~padding_mask[:, None, None, :]                                              # (B, 1, 1, T)

@@ -199,3 +199,17 @@ def test_teacher_context_limits_what_a_target_depends_on():
         assert torch.isfinite(y).all()                                       # padded rows too
         assert torch.allclose(y[:, 0], y2[:, 0]) != depends
         assert not torch.allclose(y[:, 4], y2[:, 4])                         # a neighbour of step 5 sees it
+
+
+
+def test_without_absolute_positions_a_token_enters_the_transformer_the_same_at_every_step():
+    """--positions=relative: the embeddings say which token a step holds and nothing about where it sits, so the
+    teacher's targets learn about position only through the attention's relative bias; with RoBERTa's absolute rows
+    the same token enters differently at every step."""
+    tokens = torch.tensor([[0, 9, 9, 9, 9, 2]])                                     # <s> w w w w </s>
+    for relative in (False, True):
+        torch.manual_seed(0)
+        enc = TextEncoder(vocab_size=50, dim=16, max_len=12, pad_id=1, dropout=0.0, positions=not relative)
+        x, pad = enc.embed(tokens)
+        h = enc(x, pad)[0, 1:5]                                                     # (4, C) the four w's
+        assert torch.allclose(h, h[:1].expand_as(h)) == relative

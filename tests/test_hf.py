@@ -193,7 +193,7 @@ def test_per_layer_relative_position_bias_is_each_blocks_own():
         _, layers = model(x, padding_mask, target_layer="block")
         first, _ = model.blocks[0](x, keep)
         # block 1 without its table, given the table by hand as an additive mask, is block 1 with its own table
-        bias = model.blocks[1].rel_pos().unsqueeze(0).masked_fill(~keep, float("-inf"))  # (B, H, T, T)
+        bias = model.blocks[1].rel_pos(5).unsqueeze(0).masked_fill(~keep, float("-inf"))  # (B, H, T, T)
         table, model.blocks[1].rel_pos = model.blocks[1].rel_pos, None
         by_hand, _ = model.blocks[1](first, bias)
         without, _ = model.blocks[1](first, keep)

@@ -59,6 +59,9 @@ def test_preset_then_overrides():
     (["--modality=vision", "--objective=mlm"], "use it with --modality=text"),
     (["--mask_replace=0.95"], "together <= 1"),
     (["--token_span=0"], "spans of at least 1 step"),
+    (["--positions=rotary"], "use absolute or relative"),
+    (["--max_iters=0"], "--init_from=random"),
+    (["--modality=vision", "--positions=relative"], "how text encodes word order"),
 ])
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)

@@ -4,7 +4,9 @@ import math
 
 import torch
 
-from transformer import Block, Transformer, TransformerConfig, relative_position_index
+import pytest
+
+from transformer import Block, Transformer, TransformerConfig, relative_position_index, relative_position_index_1d
 
 
 def naive_layer_norm(x, weight, bias, eps):
@@ -132,6 +134,31 @@ def test_relative_position_bias_matches_naive_attention():
     got = model.blocks[0].attn(x, mask)
     want = naive_attention(model.blocks[0].attn, x, bias=model.rel_pos.table[relative_position_index(2, 2)].permute(2, 0, 1))
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_1d_relative_position_bias_matches_naive_attention_at_every_length():
+    """Text without absolute positions: query i and key j read the table's row for the offset i - j; a padded or shorter
+    input reads the same rows as the longest one."""
+    n = 6
+    index = relative_position_index_1d(n)
+    assert all(index[i, j] == i - j + n - 1 for i in range(n) for j in range(n))
+    cfg = TransformerConfig(n_layer=1, dim=16, n_head=4, ffn_dim=32, dropout=0, attn_dropout=0, rel_pos_len=n)
+    model = randomize(Transformer(cfg)).eval()
+    torch.manual_seed(0)
+    table = model.rel_pos.table                                                       # (2n - 1, H)
+    for T in (n, 4):
+        x = torch.randn(2, T, 16)
+        pad = torch.zeros(2, T, dtype=torch.bool)
+        pad[1, -1] = True
+        bias = torch.stack([torch.stack([table[i - j + n - 1] for j in range(T)]) for i in range(T)]).permute(2, 0, 1)
+        got = model.blocks[0].attn(x, model.attn_mask(x, pad))
+        want = naive_attention(model.blocks[0].attn, x, padding_mask=pad, bias=bias)
+        assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1, :-1], want[1, :-1], atol=1e-5)
+    with pytest.raises(ValueError, match="built for at most 6"):
+        model.attn_mask(torch.randn(1, n + 1, 16), None)
+    grid = Transformer(TransformerConfig(n_layer=1, dim=16, n_head=4, ffn_dim=32, rel_pos_grid=(2, 2)))
+    with pytest.raises(ValueError, match="built for 5"):                                # CLS + 2 x 2 patches, no fewer
+        grid.attn_mask(torch.randn(1, 4, 16), None)
 
 
 def test_layerdrop_only_in_training():
