@@ -3,6 +3,7 @@
     python finetune.py --modality=text --init_from=out-text/ckpt.pt                 # full fine-tune
     python finetune.py --modality=text --init_from=out-text/ckpt.pt --mode=probe    # linear probe, frozen encoder
     python finetune.py --modality=text --init_from=random                           # same model, no pretraining
+    python finetune.py --modality=text --init_from=random --like=out-x/ckpt.pt      # random, that run's architecture
     python finetune.py --modality=text --init_from=bag --mode=probe                 # no encoder: word counts
     python finetune.py --modality=text --init_from=ppmi --mode=probe                # no encoder: counted word vectors
     python finetune.py --modality=text --init_from=out-text/ckpt.pt --train=SST-2/train.tsv --test=SST-2/dev.tsv
@@ -53,7 +54,8 @@ class FinetuneConfig:
                                 # a save_pretrained folder or a hub name (facebook/data2vec-audio-base);
                                 # text probe only, references with no encoder: "bag", the passage's token counts;
                                 # "ppmi", the mean of its word vectors counted on the pretraining split
-    preset: str = "small"       # with --init_from=random: the architecture to build
+    preset: str = "small"       # with --init_from=random: the architecture to build ...
+    like: str = ""              # ... or a train.py checkpoint's (its model and data settings, fresh random weights)
     mode: str = "finetune"      # finetune (all weights) | probe (frozen encoder, linear classifier)
     train: str = ""             # '' = the default task; else a TSV file `sentence<TAB>label`
     test: str = ""
@@ -204,7 +206,15 @@ def roberta_head(dim: int, n_classes: int, dropout: float) -> nn.Module:
 def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
     """The pretraining config (architecture and data) and weights of --init_from, read once: `encoder.*` and
     `transformer.*` (plus an official checkpoint's task head, `lm_head.*` or `head.*`); for random weights, the
-    preset's config and None."""
+    preset's config (or --like's checkpoint's) and None."""
+    if fc.like:
+        if fc.init_from != "random":
+            raise ConfigError(f"--like={fc.like} gives random weights a checkpoint's architecture: pass "
+                              "--init_from=random with it")
+        cfg = Config(**load_checkpoint(Path(fc.like))["config"])
+        if cfg.modality != fc.modality:
+            raise CheckpointError(f"{fc.like} is a {cfg.modality} checkpoint; pass --modality={cfg.modality}")
+        return cfg, None
     if fc.init_from in ("random", *REFERENCES):
         return Config(**{**PRESETS[fc.modality][fc.preset], "modality": fc.modality}), None
     if hf.is_hf_source(fc.init_from):

@@ -60,10 +60,28 @@ def test_bad_input(pretrained, tmp_path, capsys):
     assert "--init_from=ppmi (word vectors" in capsys.readouterr().err
     assert finetune.main(["--init_from=random", "--probe_layer=0"]) == 1
     assert "pass --mode=probe" in capsys.readouterr().err
+    assert finetune.main([f"--init_from={ckpt}", f"--like={ckpt}"]) == 1
+    assert "pass --init_from=random with it" in capsys.readouterr().err
+    assert finetune.main(["--init_from=random", f"--like={ckpt}", "--modality=vision"]) == 1
+    assert "text checkpoint" in capsys.readouterr().err
     args = [f"--init_from={ckpt}", "--mode=probe", "--probe_layer=3", "--max_len=32", f"--train={tmp / 'train.tsv'}",
             f"--test={tmp / 'test.tsv'}"]
     assert finetune.main(args) == 1
     assert "layers 0 (its input) to 2" in capsys.readouterr().err
+
+
+def test_random_like_a_checkpoint_builds_its_architecture_with_fresh_weights(pretrained):
+    """--init_from=random --like=CKPT: the checkpoint's model settings (not the preset's), none of its weights."""
+    ckpt, _ = pretrained
+    fc = finetune.FinetuneConfig(init_from="random", like=str(ckpt))
+    cfg, state = finetune.pretrained(fc)
+    assert state is None and (cfg.n_layer, cfg.dim, cfg.block_size) == (2, 32, 32)
+    encoder, transformer = finetune.init_student(fc, train.TASKS["text"](cfg, prepare=False).build_model, state)
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    fresh = {**{"encoder." + k: v for k, v in encoder.state_dict().items()},
+             **{"student." + k: v for k, v in transformer.state_dict().items()}}
+    assert fresh.keys() <= saved.keys() and fresh["student.blocks.0.fc1.weight"].shape == (64, 32)
+    assert not torch.equal(fresh["student.blocks.0.fc1.weight"], saved["student.blocks.0.fc1.weight"])
 
 
 def test_bag_of_tokens_counts_normal_tokens():
