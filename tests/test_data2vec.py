@@ -201,7 +201,6 @@ def test_teacher_context_limits_what_a_target_depends_on():
         assert not torch.allclose(y[:, 4], y2[:, 4])                         # a neighbour of step 5 sees it
 
 
-
 def test_without_absolute_positions_a_token_enters_the_transformer_the_same_at_every_step():
     """--positions=relative: the embeddings say which token a step holds and nothing about where it sits, so the
     teacher's targets learn about position only through the attention's relative bias; with RoBERTa's absolute rows
