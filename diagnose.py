@@ -155,7 +155,7 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
     if not dc.ckpt:
         raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
     path = Path(dc.ckpt)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, "pass the ckpt.pt of a train.py run, e.g. --ckpt=out-text/ckpt.pt")
     cfg = Config(**ckpt["config"])
     task = TASKS[cfg.modality](cfg, prepare=True)
     model = task.build_model()

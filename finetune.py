@@ -203,6 +203,9 @@ def roberta_head(dim: int, n_classes: int, dropout: float) -> nn.Module:
                          nn.Linear(dim, n_classes))
 
 
+TRAINED = "pass the ckpt.pt of a train.py run (python train.py --modality=text writes out-text/ckpt.pt)"
+
+
 def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
     """The pretraining config (architecture and data) and weights of --init_from, read once: `encoder.*` and
     `transformer.*` (plus an official checkpoint's task head, `lm_head.*` or `head.*`); for random weights, the
@@ -211,7 +214,7 @@ def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
         if fc.init_from != "random":
             raise ConfigError(f"--like={fc.like} gives random weights a checkpoint's architecture: pass "
                               "--init_from=random with it")
-        cfg = Config(**load_checkpoint(Path(fc.like))["config"])
+        cfg = Config(**load_checkpoint(Path(fc.like), TRAINED)["config"])
         if cfg.modality != fc.modality:
             raise CheckpointError(f"{fc.like} is a {cfg.modality} checkpoint; pass --modality={cfg.modality}")
         return cfg, None
@@ -221,7 +224,7 @@ def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
         model = hf.from_pretrained(fc.init_from)
         cfg, state = model.config, model.state_dict()
     else:
-        ckpt = load_checkpoint(Path(fc.init_from))
+        ckpt = load_checkpoint(Path(fc.init_from), TRAINED)
         cfg = Config(**ckpt["config"])
         # the student's regression head (head.*) serves pretraining only; its Transformer is `student.*` there
         state = {"transformer." + k.removeprefix("student.") if k.startswith("student.") else k: v

@@ -500,9 +500,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, fix: str = "train without --resume first, or point --out_dir at a run") -> dict:
     if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: train without --resume first, or point --out_dir at a run")
+        raise CheckpointError(f"no checkpoint at {path}: {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

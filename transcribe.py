@@ -34,7 +34,7 @@ def load_ctc(ckpt: str) -> CTCModel:
         if vocab_size != len(VOCAB):
             raise CheckpointError(f"{ckpt}: {vocab_size} output symbols, but ctc.VOCAB has {len(VOCAB)}")
     else:
-        saved = load_checkpoint(Path(ckpt))
+        saved = load_checkpoint(Path(ckpt), "fine-tune with finetune.py --modality=speech --save=PATH first")
         if "vocab" not in saved:
             raise CheckpointError(f"{ckpt} is a pretraining checkpoint, not a CTC one; fine-tune it with "
                                   f"finetune.py --modality=speech --init_from={ckpt} --save=out-ctc/ctc.pt")
