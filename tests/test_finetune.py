@@ -47,7 +47,7 @@ def test_modes_report_accuracy(pretrained, mode):
 def test_bad_input(pretrained, tmp_path, capsys):
     ckpt, tmp = pretrained
     assert finetune.main([f"--init_from={tmp_path / 'none.pt'}"]) == 1
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "no checkpoint" in (err := capsys.readouterr().err) and "ckpt.pt of a train.py run" in err
     assert finetune.main([f"--init_from={ckpt}", f"--train={tmp / 'train.tsv'}"]) == 1
     assert "both --train and --test" in capsys.readouterr().err
     assert finetune.main([f"--init_from={ckpt}", "--modality=vision"]) == 1
