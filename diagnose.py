@@ -43,7 +43,6 @@ The teacher reads the student's embeddings (shared, SPEC §2), so positions that
 the teacher's input, and its targets, towards position.
 """
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,12 +86,12 @@ def shuffle_tokens(tokens: torch.Tensor, special: torch.Tensor, generator: torch
     return out
 
 
-def embedding_norms(encoder: TextEncoder, n_normal: int, block_size: int) -> tuple[float, float]:
-    """-> mean L2 norm of the normal tokens' embedding rows, of the position rows 2 .. block_size + 1 (nan for an
+def embedding_norms(encoder: TextEncoder, n_normal: int, block_size: int) -> tuple[float, float | None]:
+    """-> mean L2 norm of the normal tokens' embedding rows, of the position rows 2 .. block_size + 1 (None for an
     encoder without them, --positions=relative)."""
     tokens = encoder.tokens.weight[:n_normal]                                              # (n_normal, C)
     if encoder.positions is None:
-        return tokens.norm(dim=1).mean().item(), float("nan")
+        return tokens.norm(dim=1).mean().item(), None
     positions = encoder.positions.weight[2:block_size + 2]                                 # (block_size, C)
     return tokens.norm(dim=1).mean().item(), positions.norm(dim=1).mean().item()
 
@@ -233,7 +232,7 @@ def main(argv: list[str]) -> int:
               f"{result['loss_blank']:.3f}, ratio {result['context_gain']:.3f} (near 1: the visible words tell the "
               f"student nothing); words shuffled {result['loss_shuffled']:.3f}, ratio {result['order_gain']:.3f} "
               "(near 1: it ignores their order)")
-        positions = ("none (relative positions)" if math.isnan(result["position_norm"]) else
+        positions = ("none (relative positions)" if result["position_norm"] is None else
                      f"{result['position_norm_init']:.3f} -> {result['position_norm']:.3f}")
         print(f"embedding norms, mean per row: tokens {result['token_norm_init']:.3f} at initialisation -> "
               f"{result['token_norm']:.3f}, positions {positions}")

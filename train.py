@@ -192,8 +192,8 @@ PRESETS: dict[str, dict[str, dict]] = {
 
 # Fields that fix the model or the data; a resumed run must agree with its checkpoint on these.
 ARCH_FIELDS = [f.name for f in fields(TransformerConfig) if f.name not in ("rel_pos_grid", "rel_pos_len")] + [
-    "modality", "objective", "data", "block_size", "vocab_size", "tokenizer", "positions", "seed", "img_size", "patch_size",
-    "conv_dim", "conv_layers", "pos_conv_layers", "pos_conv_kernel", "pos_conv_groups", "max_samples"]
+    "modality", "objective", "data", "block_size", "vocab_size", "tokenizer", "positions", "seed", "img_size",
+    "patch_size", "conv_dim", "conv_layers", "pos_conv_layers", "pos_conv_kernel", "pos_conv_groups", "max_samples"]
 
 
 class ConfigError(Exception):
