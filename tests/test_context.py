@@ -67,6 +67,6 @@ def test_without_absolute_positions_the_presets_teacher_reads_longer_chains_too(
     """On the chain the race is lost to the absolute position rows: the teacher reads the student's embeddings, and with
     no rows that say where a step sits (--positions=relative: a learned bias per head and offset in attention)
     its targets cannot drift to position. Measured (2-core AMD EPYC, one thread), shuffled / intact after 1000
-    updates with the preset's teacher: 5.53 / 4.94 / 4.47 at 64 tokens (seeds 0-2, 65-90 s a run) and 5.19 at 128
+    updates with the preset's teacher: 5.53 / 4.94 / 4.47 at 64 tokens (seeds 0-2, 64-91 s a run) and 5.19 at 128
     (seed 0, ~3 min), against 1.000 / 0.981 / 0.970 and 1.012 with absolute rows (the two tests above)."""
     assert context_ratio(seed=0, noise=0.1, length=64, positions="relative") > 1.5
