@@ -4,7 +4,8 @@
     python bench.py --modality=text --preset=base --block_size=512 --batch_size=32 --dtype=bfloat16 --compile   # a GPU
 
 Settings are train.py's Config (same presets and --key=value overrides); --max_iters is the number of timed steps.
-A step is what train.py does per optimizer update: student forward + backward, teacher forward, optimizer, EMA.
+A step is what train.py does per optimizer update: student forward + backward, teacher forward, optimizer, EMA
+(without train.py's gradient clipping; --objective=mlm: no teacher forward, plus the scores over the vocabulary).
 MFU = (matmul FLOPs of the step) / time / peak. The peak comes from a lookup by GPU name (dense bf16/fp16 tensor
 cores), or, on a CPU, from a large fp32 matmul measured in the same run.
 """
@@ -15,13 +16,15 @@ from contextlib import nullcontext
 
 import torch
 
-from data2vec import EMATeacher
+from data2vec import Data2Vec, EMATeacher
+from mlm import MaskedLM
+from text_data import DataError
 from train import TASKS, ConfigError, device_batch, forward_backward, parse_args, setup_system
 
 # Dense bf16 tensor-core peak FLOP/s by device name (vendor data sheets; SXM parts unless named)
 GPU_PEAK = {
     "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "A10": 125e12,
-    "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
+    "L40S": 362e12, "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12, "T4": 65e12,
 }
 
 
@@ -50,26 +53,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def step_flops(model, batch: dict, steps_per_sample: int) -> float:
+def step_flops(model: Data2Vec, batch: dict, steps_per_sample: int) -> float:
     """Matmul FLOPs of one step: the Transformer (student forward + backward = 3 x forward, teacher 1 x forward)
-    and the regression head on masked steps (forward + backward)."""
+    and the regression head on masked steps (forward + backward). The masked LM runs no teacher and scores every
+    masked step against the whole vocabulary (the tied embedding)."""
     B = batch["mask"].shape[0]
     n_masked = int(batch["mask"].sum())
-    transformer = 4 * B * steps_per_sample * model.student.flops_per_token(steps_per_sample)
-    head = 3 * n_masked * 2 * sum(p.numel() for n, p in model.head.named_parameters() if n.endswith("weight"))
-    return transformer + head
+    mlm = isinstance(model, MaskedLM)
+    transformer = (3 if mlm else 4) * B * steps_per_sample * model.student.flops_per_token(steps_per_sample)
+    head_weights = sum(p.numel() for n, p in model.head.named_parameters() if n.endswith("weight"))
+    if mlm:
+        head_weights += model.encoder.tokens.weight.numel()
+    return transformer + 3 * n_masked * 2 * head_weights
 
 
 def main(argv: list[str]) -> int:
     try:
         cfg = parse_args(["--max_iters=10", *argv])
         _, _, device, dtype = setup_system(cfg)
-    except ConfigError as e:
+        task = TASKS[cfg.modality](cfg, prepare=True)
+        torch.manual_seed(cfg.seed)
+        model = task.build_model().to(device)
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    task = TASKS[cfg.modality](cfg, prepare=True)
-    torch.manual_seed(cfg.seed)
-    model = task.build_model().to(device)
     teacher = EMATeacher(model.student, cfg.tau_0, cfg.tau_e, cfg.tau_n).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")

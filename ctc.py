@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]
-BLANK, UNK, SEP = 0, 3, 4
+BLANK, UNK = 0, 3
 LETTER_ID = {symbol: i for i, symbol in enumerate(VOCAB)}
 
 

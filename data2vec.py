@@ -17,7 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from transformer import Transformer, TransformerConfig
+from transformer import TARGET_LAYERS, Transformer, TransformerConfig
+
+NORMS = ("layer", "instance", "none")    # normalize()'s kinds
 
 
 @dataclass
@@ -28,8 +30,20 @@ class TargetConfig:
     final_norm: str = "none"        # norm of the K-layer average: same choices
     loss_beta: float = 0.0          # 0: squared error; > 0: Smooth L1 with this beta
     loss_scale: bool = True         # scale the per-step loss by 1/sqrt(C)
-    teacher_context: int = 0        # 0: the teacher attends over the whole input; w > 0: a window of w steps (w x w
-                                    # patches) centred on each step, radius w // 2 (1: each step sees only itself)
+    teacher_context: int = 0        # 0: the teacher attends over the whole input; odd w > 0: a window of w steps
+                                    # (w x w patches) centred on each step, radius w // 2 (1: the step alone)
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k}: the targets average at least one block")
+        if self.target_layer not in TARGET_LAYERS:
+            raise ValueError(f"target_layer={self.target_layer!r}: use one of {', '.join(TARGET_LAYERS)}")
+        for name in ("target_norm", "final_norm"):
+            if getattr(self, name) not in NORMS:
+                raise ValueError(f"{name}={getattr(self, name)!r}: use one of {', '.join(NORMS)}")
+        if self.teacher_context < 0 or (self.teacher_context > 0 and self.teacher_context % 2 == 0):
+            raise ValueError(f"teacher_context={self.teacher_context}: 0 (the whole input) or an odd window width, "
+                             "centred on each step")
 
 
 def ema_tau(step: int, tau_0: float, tau_e: float, tau_n: int) -> float:
@@ -111,7 +125,7 @@ def normalize(y: Tensor, kind: str, padding_mask: Tensor | None = None, eps: flo
         return (y - mean) / torch.sqrt(var + eps)
     if kind == "none":
         return y
-    raise ValueError(f"unknown norm {kind!r}: use 'layer', 'instance' or 'none'")
+    raise ValueError(f"unknown norm {kind!r}: use one of {', '.join(NORMS)}")
 
 
 def build_targets(layers: list[Tensor], cfg: TargetConfig, padding_mask: Tensor | None = None) -> Tensor:
@@ -136,6 +150,8 @@ class Data2Vec(nn.Module):
 
     def __init__(self, encoder: nn.Module, cfg: TransformerConfig, targets: TargetConfig, head_hidden: bool):
         super().__init__()
+        if targets.top_k > cfg.n_layer:
+            raise ValueError(f"top_k={targets.top_k}: the targets average the top K of the {cfg.n_layer} blocks")
         self.encoder = encoder
         self.student = Transformer(cfg)
         self.targets = targets
@@ -193,6 +209,9 @@ class Data2Vec(nn.Module):
         train.py divides the sum by the masked-step count of the whole global batch (SPEC §1.6).
         """
         x, padding_mask = self.embed(source, padding_mask)                      # (B, T, C), (B, T') or None
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match the {tuple(x.shape[:2])} feature steps of "
+                             "this batch")
         if student_source is not None:
             xs = self.encoder.embed(student_source)[0]
         else:

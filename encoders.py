@@ -150,7 +150,9 @@ class PosConvLayer(nn.Module):
         self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
         self.layer_norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.trim = 1 - kernel % 2
-        # fairseq's pos conv initialisation: N(0, sqrt(4 / (kernel * dim))), zero bias
+        # wav2vec 2.0's initialisation of its single pos conv (fairseq's make_conv_pos): N(0, sqrt(4 / (kernel * dim))),
+        # zero bias. fairseq's multi-layer block (data2vec audio's 5 layers) keeps PyTorch's default instead; every
+        # layer count here keeps this one, with which the README's speech runs were measured
         nn.init.normal_(self.conv.weight, std=(4 / (kernel * dim)) ** 0.5)
         nn.init.zeros_(self.conv.bias)
 

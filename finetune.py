@@ -28,6 +28,7 @@ Shakespeare corpus, tested on voices never heard in training; --train / --test r
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -70,7 +71,7 @@ class FinetuneConfig:
     probe_layer: int = -1       # probe: pool this layer's output: 0 = the Transformer's input (the embeddings), k = block
                                 # k's output; -1 = the encoder's final output, as fine-tuning reads it
     weight_decay: float = 0.01
-    warmup: float = 0.06        # fraction of the steps
+    warmup: float = 0.06        # text, vision: fraction of the steps (speech: tri-stage 10 / 40 / 50 %, SPEC §3)
     layer_decay: float = 1.0    # block i of L trains at lr x layer_decay^(L - i), the encoder at ^(L + 1); 1 = off
     label_smoothing: float = 0.0
     dropout: float = 0.1
@@ -195,6 +196,8 @@ def ppmi_vectors(stream: np.ndarray, n_types: int, dim: int, window: int = 5, ma
 
 
 Probed = Classifier | BagOfTokens | WordVectors     # what the probe reads features from
+View = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]  # stored inputs -> a model batch (augmented
+                                                                       # when given a generator)
 
 
 def roberta_head(dim: int, n_classes: int, dropout: float) -> nn.Module:
@@ -203,7 +206,9 @@ def roberta_head(dim: int, n_classes: int, dropout: float) -> nn.Module:
                          nn.Linear(dim, n_classes))
 
 
-TRAINED = "pass the ckpt.pt of a train.py run (python train.py --modality=text writes out-text/ckpt.pt)"
+def trained(modality: str) -> str:
+    """The fix for a missing or unreadable pretraining checkpoint."""
+    return f"pass the ckpt.pt of a train.py run (python train.py --modality={modality} writes out-{modality}/ckpt.pt)"
 
 
 def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
@@ -214,17 +219,20 @@ def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
         if fc.init_from != "random":
             raise ConfigError(f"--like={fc.like} gives random weights a checkpoint's architecture: pass "
                               "--init_from=random with it")
-        cfg = Config(**load_checkpoint(Path(fc.like), TRAINED)["config"])
+        cfg = Config(**load_checkpoint(Path(fc.like), trained(fc.modality))["config"])
         if cfg.modality != fc.modality:
             raise CheckpointError(f"{fc.like} is a {cfg.modality} checkpoint; pass --modality={cfg.modality}")
         return cfg, None
     if fc.init_from in ("random", *REFERENCES):
+        if fc.preset not in PRESETS[fc.modality]:
+            raise ConfigError(f"unknown --preset={fc.preset} for {fc.modality}: choose one of "
+                              f"{', '.join(PRESETS[fc.modality])}")
         return Config(**{**PRESETS[fc.modality][fc.preset], "modality": fc.modality}), None
     if hf.is_hf_source(fc.init_from):
         model = hf.from_pretrained(fc.init_from)
         cfg, state = model.config, model.state_dict()
     else:
-        ckpt = load_checkpoint(Path(fc.init_from), TRAINED)
+        ckpt = load_checkpoint(Path(fc.init_from), trained(fc.modality))
         cfg = Config(**ckpt["config"])
         # the student's regression head (head.*) serves pretraining only; its Transformer is `student.*` there
         state = {"transformer." + k.removeprefix("student.") if k.startswith("student.") else k: v
@@ -234,7 +242,8 @@ def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
     return cfg, state
 
 
-def init_student(fc: FinetuneConfig, build, state: dict | None) -> tuple[nn.Module, Transformer]:
+def init_student(fc: FinetuneConfig, build: Callable[[], nn.Module],
+                 state: dict | None) -> tuple[nn.Module, Transformer]:
     """build() the student (a Data2Vec, or an hf.Pretrained) and load the pretrained feature encoder and
     Transformer, strictly, or keep their random weights. Returns (feature encoder, Transformer)."""
     torch.manual_seed(fc.seed)
@@ -269,7 +278,8 @@ def load_task(fc: FinetuneConfig, data_dir: Path) -> tuple[list[str], list[str],
 
 
 @torch.no_grad()
-def accuracy(predict, tokens: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, labels: torch.Tensor,
+             batch_size: int) -> float:
     correct = 0
     for i in range(0, len(tokens), batch_size):
         correct += (predict(tokens[i:i + batch_size]).argmax(-1) == labels[i:i + batch_size]).sum().item()
@@ -290,6 +300,11 @@ def run(fc: FinetuneConfig) -> dict:
         raise ConfigError(f"--probe_layer={fc.probe_layer} chooses what the probe reads: pass --mode=probe")
     cfg, state = pretrained(fc)
     _, _, device, dtype = setup_system(Config(device=fc.device, dtype=fc.dtype))
+    if dtype == torch.float16:
+        # fp16 gradients need a GradScaler; these models are small enough for fp32 on a GPU without bf16
+        if fc.dtype != "auto":
+            raise ConfigError("--dtype=float16: fine-tuning runs in bfloat16 or float32 (pass one, or auto)")
+        dtype = torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     t0 = time.time()
     result = RUNNERS[fc.modality](fc, cfg, state, device, autocast)
@@ -297,7 +312,8 @@ def run(fc: FinetuneConfig) -> dict:
     return result
 
 
-def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device, autocast) -> dict:
+def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device,
+             autocast: torch.autocast) -> dict:
     """Passage classification: default genre task, or --train / --test TSV files."""
     if hf.is_hf_source(fc.init_from):
         # an official checkpoint reads its own tokenizer's ids (RoBERTa's BPE); the default task's TSVs come from
@@ -345,7 +361,8 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
                         view=lambda x, g: x.to(device), classes=classes, device=device)
 
 
-def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device, autocast) -> dict:
+def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device,
+               autocast: torch.autocast) -> dict:
     """Image classification on the held-out split of the pretraining images (digits, or train.py's --data folder)."""
     if fc.train or fc.test:
         raise ConfigError("--train / --test are text TSV files; vision reads --data (or the pretraining run's --data)")
@@ -363,7 +380,7 @@ def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
                         autocast, view=lambda x, g: data.view(x, g).to(device), classes=data.class_names, device=device)
 
 
-def fit_and_test(model: Probed, fc: FinetuneConfig, train: tuple, test: tuple, autocast, view,
+def fit_and_test(model: Probed, fc: FinetuneConfig, train: tuple, test: tuple, autocast: torch.autocast, view: View,
                  classes: list, device: torch.device) -> dict:
     """Probe or fine-tune on train = (inputs, labels), report top-1 accuracy on test. view(inputs, generator) turns
     stored inputs into a model batch on the device (augmented when a generator is given)."""
@@ -376,13 +393,14 @@ def fit_and_test(model: Probed, fc: FinetuneConfig, train: tuple, test: tuple, a
     return dict(accuracy=acc, n_train=len(x_train), n_test=len(x_test))
 
 
-def probe(model: Probed, fc: FinetuneConfig, x_train, y_train, x_test, y_test, autocast, view) -> float:
+def probe(model: Probed, fc: FinetuneConfig, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+          y_test: torch.Tensor, autocast: torch.autocast, view: View) -> float:
     """Linear probe: features of the frozen encoder, computed once, standardised, then a logistic regression."""
     model.eval()
     with torch.no_grad(), autocast:
         f_train = torch.cat([model.features(view(x_train[i:i + 64], None)).float() for i in range(0, len(x_train), 64)])
         f_test = torch.cat([model.features(view(x_test[i:i + 64], None)).float() for i in range(0, len(x_test), 64)])
-    mean, std = f_train.mean(0), f_train.std(0) + 1e-6
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-6                 # (D,), f_train: (N, D)
     f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
     linear = nn.Linear(f_train.shape[1], int(y_train.max()) + 1).to(f_train.device)
     opt = torch.optim.AdamW(linear.parameters(), lr=fc.probe_lr, weight_decay=fc.weight_decay)
@@ -414,7 +432,8 @@ def layer_groups(model: Classifier, fc: FinetuneConfig) -> list[dict]:
     return [dict(params=params, lr=fc.lr * scale) for scale, params in groups.items()]
 
 
-def finetune(model: Classifier, fc: FinetuneConfig, x_train, y_train, x_test, y_test, autocast, view) -> float:
+def finetune(model: Classifier, fc: FinetuneConfig, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+             y_test: torch.Tensor, autocast: torch.autocast, view: View) -> float:
     """All weights train: AdamW, linear warmup then linear decay, accuracy after each epoch."""
     opt = torch.optim.AdamW(layer_groups(model, fc), lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98), eps=1e-6)
     steps = fc.epochs * math.ceil(len(x_train) / fc.batch_size)
@@ -422,7 +441,7 @@ def finetune(model: Classifier, fc: FinetuneConfig, x_train, y_train, x_test, y_
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
     g = torch.Generator().manual_seed(fc.seed)
 
-    def predict(x):
+    def predict(x: torch.Tensor) -> torch.Tensor:
         with autocast:
             return model(view(x, None))
 
@@ -477,7 +496,8 @@ def speech_batch(b: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def transcribe(model: CTCModel, data: SpeechData, batch_size: int, device: torch.device, autocast) -> tuple[float, float]:
+def transcribe(model: CTCModel, data: SpeechData, batch_size: int, device: torch.device,
+               autocast: torch.autocast) -> tuple[float, float]:
     """Greedy CTC decoding of every utterance of `data`; returns (CER, WER) against its transcripts."""
     model.eval()
     refs, hyps = [], []
@@ -491,7 +511,8 @@ def transcribe(model: CTCModel, data: SpeechData, batch_size: int, device: torch
     return cer(refs, hyps), wer(refs, hyps)
 
 
-def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device, autocast) -> dict:
+def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device,
+               autocast: torch.autocast) -> dict:
     """CTC speech recognition (SPEC §3): default espeak-ng corpus (test voices never heard in training), or
     --train / --test manifests with `.ltr` transcripts. --budget_minutes limits the labelled training audio."""
     if fc.mode != "finetune":

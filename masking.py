@@ -85,6 +85,8 @@ def block_mask(
     scaled by the grid area. At 14x14 and ratio 0.6 this masks 118 patches (data2vec_vision's command line: 120).
     Returns (B, h * w) bool, row-major.
     """
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio}: the masked share of the patches, in (0, 1]")
     h, w = grid
     target = round(ratio * h * w)
     if min_patches is None:

@@ -15,9 +15,10 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,8 @@ class Config:
     # what and where
     modality: str = "text"      # text | vision | speech
     preset: str = "small"       # small: CPU in minutes; base / large: the paper's sizes (SPEC §2)
-    data: str = ""              # '' = the embedded default corpus; else your .txt file or folder
+    data: str = ""              # '' = the default data; else text: a .txt file or folder, vision: an image folder
+                                #   (root/<class>/...), speech: a fairseq manifest .tsv
     out_dir: str = ""           # '' = out-<modality>
     resume: bool = False        # continue the run in out_dir from its ckpt.pt, exactly
     # length and batch
@@ -204,10 +206,13 @@ class CheckpointError(Exception):
     pass
 
 
+NO_MASK_FIX = "raise --mask_prob (vision: --mask_ratio) or use longer inputs (text: --block_size)"
+
+
 # -----------------------------------------------------------------------------
 # configuration
 
-def parse_value(field_type: type, key: str, text: str):
+def parse_value(field_type: type, key: str, text: str) -> object:
     if field_type is bool:
         if text.lower() in ("1", "true", "yes", ""):
             return True
@@ -249,6 +254,18 @@ def parse_args(argv: list[str]) -> Config:
     if cfg.max_iters < 1:
         raise ConfigError(f"--max_iters={cfg.max_iters}: pretraining needs at least one update (an untrained encoder "
                           "is finetune.py --init_from=random)")
+    for key in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
+                "block_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: needs at least 1")
+    try:
+        sub_config(TransformerConfig, cfg), sub_config(TargetConfig, cfg)
+    except ValueError as e:
+        raise ConfigError(f"bad setting: {e}") from None
+    if cfg.top_k > cfg.n_layer:
+        raise ConfigError(f"--top_k={cfg.top_k}: the targets average the top K of the --n_layer={cfg.n_layer} blocks")
+    if not 0 < cfg.mask_ratio <= 1:
+        raise ConfigError(f"--mask_ratio={cfg.mask_ratio}: the masked share of the patches, in (0, 1]")
     if cfg.positions not in ("absolute", "relative"):
         raise ConfigError(f"unknown --positions={cfg.positions}: use absolute or relative")
     if cfg.positions == "relative" and cfg.modality != "text":
@@ -269,7 +286,10 @@ def parse_args(argv: list[str]) -> Config:
     return cfg
 
 
-def sub_config(cls: type, cfg: Config):
+T = TypeVar("T")
+
+
+def sub_config(cls: type[T], cfg: Config) -> T:
     """Pick the fields of a sub-config (TransformerConfig, TargetConfig) out of the flat Config."""
     return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)})
 
@@ -458,7 +478,14 @@ def setup_system(cfg: Config) -> tuple[int, int, torch.device, torch.dtype]:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     else:
         device = cfg.device
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device={cfg.device}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={cfg.device}, but torch sees no CUDA GPU: pass --device=cpu (or auto)")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)   # plain "cuda": each torchrun process its own GPU
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -500,14 +527,23 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, fix: str = "train without --resume first, or point --out_dir at a run") -> dict:
+def load_checkpoint(path: Path, fix: str | None = None) -> dict:
+    """A checkpoint of this project (a dict with its config), or a CheckpointError that ends with `fix`: what the
+    caller's user should do when the file is missing or unreadable (None: the advice for train.py's --resume)."""
+    missing = fix or "train without --resume first, or point --out_dir at a run"
+    unreadable = fix or "delete it or use another --out_dir"
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: pass the ckpt.pt inside it")
     if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: {fix}")
+        raise CheckpointError(f"no checkpoint at {path}: {missing}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}): the file is corrupt or not a checkpoint of "
-                              f"this project; delete it or use another --out_dir") from None
+                              f"this project; {unreadable}") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise CheckpointError(f"{path} holds no config, so it is not a checkpoint of this project; {unreadable}")
+    return ckpt
 
 
 def check_compatible(ckpt: dict, cfg: Config, path: Path) -> None:
@@ -536,7 +572,9 @@ def load_state(module: torch.nn.Module, state: dict, what: str, path: Path) -> N
 # -----------------------------------------------------------------------------
 # the training loop
 
-def forward_backward(model, teacher: EMATeacher, batches: list[dict], world: int, scaler, autocast):
+def forward_backward(model: torch.nn.Module, teacher: EMATeacher, batches: list[dict], world: int,
+                     scaler: torch.amp.GradScaler,
+                     autocast: AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor, list, list]:
     """Gradients of one optimizer step over this process's micro-batches, normalised by the masked-step count of
     the whole global batch (SPEC §1.6, §6): the result equals one big batch, however it is split into micro-steps
     and processes. Returns (loss sum over all processes, global masked count, predictions, targets)."""
@@ -618,13 +656,16 @@ def train(cfg: Config) -> Path:
         load_state(model, ckpt["model"], "student", ckpt_path)
         load_state(teacher.model, ckpt["teacher"], "teacher", ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:      # empty when the run so far was not fp16
+            scaler.load_state_dict(ckpt["scaler"])
         step, history = ckpt["step"], ckpt["history"]
         set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
         say(f"resuming {ckpt_path} at step {step}")
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)
+    eval_model = model          # not DDP's wrapper: its forward syncs buffers, a collective that ranks without an
+                                # eval batch (eval_iters < world) would never join
     if world > 1:
         # layerdrop skips blocks, whose parameters then get no gradient in that step
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -641,16 +682,27 @@ def train(cfg: Config) -> Path:
 
     @torch.no_grad()
     def evaluate() -> float:
-        model.eval()
+        eval_model.eval()
         total = torch.zeros(2, device=device)              # loss sum, masked-step count
         for i in range(rank, cfg.eval_iters, world):
             b = batch("val", -1, i)
             with autocast:
-                loss, _, _ = model(**b, teacher=teacher)
+                loss, _, _ = eval_model(**b, teacher=teacher)
             total += torch.stack([loss.float(), b["mask"].sum().float()])
-        model.train()
-        total = all_reduce(total)
-        return (total[0] / total[1]).item()
+        eval_model.train()
+        loss_sum, n_masked = all_reduce(total).tolist()
+        if n_masked == 0:
+            raise ConfigError(f"no held-out step was masked: {NO_MASK_FIX}")
+        return loss_sum / n_masked
+
+    def held_out() -> float:
+        """Evaluate, log and record the held-out loss. Returns the seconds it took, which tok/s and eta leave out."""
+        t0 = time.time()
+        ev = evaluate()
+        history["eval_step"].append(step)
+        history["eval_loss"].append(ev)
+        say(f"step {step}: held-out loss {ev:.4f}")
+        return time.time() - t0
 
     def state() -> dict:
         return dict(model=raw_model.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
@@ -668,10 +720,7 @@ def train(cfg: Config) -> Path:
     batches = draw(step)
     while step < cfg.max_iters:
         if step % cfg.eval_interval == 0:
-            ev = evaluate()
-            history["eval_step"].append(step)
-            history["eval_loss"].append(ev)
-            say(f"step {step}: held-out loss {ev:.4f}")
+            t_last += held_out()
 
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -691,6 +740,8 @@ def train(cfg: Config) -> Path:
         loss_value = (loss_sum / n_masked).item()
         if not math.isfinite(loss_value):
             kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
+            if n_masked.item() == 0:
+                raise ConfigError(f"update {step} masked no step: stopping; {kept}. To mask some: {NO_MASK_FIX}")
             raise FloatingPointError(f"the loss is {loss_value} at step {step}: stopping; {kept}. "
                                      f"Lower --lr (now {cfg.lr:g}) or check the data")
         if step % cfg.log_interval == 0 or step == cfg.max_iters:
@@ -707,14 +758,13 @@ def train(cfg: Config) -> Path:
                 f"pred_var {pred_var:.3f} | tau {teacher.tau(step):.4f} | lr {lr:.2e} | "
                 f"{tokens_per_step / dt:,.0f} tok/s | eta {format_eta(dt * (cfg.max_iters - step))}")
         if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
+            t0 = time.time()
             if step == cfg.max_iters:
-                ev = evaluate()
-                history["eval_step"].append(step)
-                history["eval_loss"].append(ev)
-                say(f"step {step}: held-out loss {ev:.4f}")
+                held_out()
             st = state()
             if master:
                 save_checkpoint(ckpt_path, st)
+            t_last += time.time() - t0
 
     if master:
         plot_history(history, out_dir / "loss.png")

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+TARGET_LAYERS = ("ffn", "attn", "block")    # what a block can hand back for the targets (above)
+
 
 @dataclass
 class TransformerConfig:
@@ -37,7 +39,11 @@ class TransformerConfig:
     rel_pos_per_layer: bool = False  # with either: one bias table per block instead (BEiT's fine-tuned models)
 
     def __post_init__(self):
-        assert not (self.rel_pos_grid and self.rel_pos_len), "a relative position bias is 2D (grid) or 1D, not both"
+        if min(self.n_layer, self.dim, self.n_head, self.ffn_dim) < 1 or self.dim % self.n_head:
+            raise ValueError(f"n_layer={self.n_layer} dim={self.dim} n_head={self.n_head} ffn_dim={self.ffn_dim}: "
+                             "each at least 1, and dim a multiple of n_head")
+        if self.rel_pos_grid and self.rel_pos_len:
+            raise ValueError("a relative position bias is 2D (rel_pos_grid) or 1D (rel_pos_len), not both")
 
 
 class Attention(nn.Module):
@@ -59,7 +65,7 @@ class Attention(nn.Module):
         q, k, v = qkv.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         p = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)      # (B, H, T, D)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))                              # (B, T, C)
 
 
 def drop_path(x: Tensor, p: float, training: bool) -> Tensor:
@@ -234,9 +240,6 @@ class Transformer(nn.Module):
         if self.ln_f is not None:
             x = self.ln_f(x)
         return x, targets
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(self, T: int) -> int:
         """Forward matmul FLOPs per token: projections, FFN, and attention scores + weighted sum over T keys."""

@@ -15,7 +15,7 @@ def tiny_mlm() -> MaskedLM:
     torch.manual_seed(0)
     enc = TextEncoder(vocab_size=50, dim=16, max_len=12, pad_id=1, dropout=0.0)
     cfg = TransformerConfig(n_layer=2, dim=16, n_head=2, ffn_dim=32, dropout=0.0, attn_dropout=0.0)
-    return MaskedLM(enc, cfg, TargetConfig(), head_hidden=True)
+    return MaskedLM(enc, cfg, TargetConfig(top_k=2), head_hidden=True)
 
 
 def test_loss_is_the_cross_entropy_of_the_masked_tokens():

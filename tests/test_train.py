@@ -62,6 +62,15 @@ def test_preset_then_overrides():
     (["--positions=rotary"], "use absolute or relative"),
     (["--max_iters=0"], "--init_from=random"),
     (["--modality=vision", "--positions=relative"], "how text encodes word order"),
+    (["--eval_interval=0"], "--eval_interval=0: needs at least 1"),
+    (["--top_k=0"], "average at least one block"),
+    (["--top_k=5"], "top K of the --n_layer=4 blocks"),
+    (["--target_layer=fnn"], "use one of ffn, attn, block"),
+    (["--final_norm=batch"], "use one of layer, instance, none"),
+    (["--teacher_context=2"], "an odd window width"),
+    (["--n_head=3"], "dim a multiple of n_head"),
+    (["--modality=vision", "--mask_ratio=0"], "in (0, 1]"),
+    (["--device=gpu"], "use auto, cpu, cuda, cuda:N or mps"),
 ])
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
@@ -160,6 +169,20 @@ def test_missing_and_empty_data(tmp_path, capsys):
     assert code == 1 and "empty" in err and "Traceback" not in err
 
 
+def test_a_batch_without_masked_steps_is_named(corpus, tmp_path, capsys):
+    """<s> and </s> are never masked, so 2-token sequences have nothing to predict: say so, not "the loss is nan"."""
+    code, err = run([*TINY, f"--data={corpus}", "--block_size=2", f"--out_dir={tmp_path}"], capsys)
+    assert code == 1 and "no held-out step was masked" in err and "--mask_prob" in err
+
+
+def test_resume_in_another_precision(corpus, tmp_path):
+    """A float32 run's checkpoint holds an empty GradScaler state; resuming it in float16 starts a fresh scaler."""
+    args = [*TINY, f"--data={corpus}", f"--out_dir={tmp_path}"]
+    assert run([*args, "--max_iters=2"])[0] == 0
+    assert run([*args, "--max_iters=3", "--resume", "--dtype=float16"])[0] == 0
+    assert history(tmp_path)["step"][-1] == 3
+
+
 def test_checkpoint_errors_never_overwrite_the_last_good_one(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     args = [*TINY, f"--data={corpus}", "--max_iters=2", f"--out_dir={out}"]
@@ -213,6 +236,19 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
     assert len(one["loss"]) == len(two["loss"]) == 20
     assert one["loss"] == pytest.approx(two["loss"], rel=1e-4)
     assert one["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_evaluates_with_fewer_held_out_batches_than_processes(corpus, tmp_path):
+    """A model with a buffer (the relative position index) and --eval_iters=1 under 2 processes: the rank without a
+    held-out batch must not wait in a collective that the other rank never joins (DDP's buffer sync)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *TINY, f"--data={corpus}", "--max_iters=3", "--grad_accum=2", "--positions=relative", "--eval_iters=1",
+           "--eval_interval=2", f"--out_dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert history(tmp_path)["eval_step"] == [0, 2, 3]
 
 
 def test_bench_times_the_training_step(corpus, capsys):
