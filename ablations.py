@@ -72,7 +72,7 @@ class AblationConfig:
 
 
 def pretrain(out: Path, **overrides) -> dict:
-    """Pretrain TINY with the overrides into out; -> the checkpoint (its history holds target_var per log line)."""
+    """Pretrain TINY with the overrides into out -> {path: the checkpoint, history: its log (target_var per line)}."""
     with contextlib.redirect_stdout(io.StringIO()):
         ckpt = train(Config(**{**TINY, **overrides, "out_dir": str(out)}))
     return dict(path=ckpt, history=load_checkpoint(ckpt)["history"])
@@ -123,7 +123,7 @@ def masked_loss(model: Data2Vec, teacher: EMATeacher, tokens: torch.Tensor,
     return loss / mask.sum(), y
 
 
-def pretrain_sequences(model: Data2Vec, sample, iters: int, lr: float, g: torch.Generator,
+def pretrain_sequences(model: Data2Vec, sample: Callable[[], torch.Tensor], iters: int, lr: float, g: torch.Generator,
                        tau: tuple[float, float] = (0.99, 0.999)) -> tuple[EMATeacher, list[float]]:
     """iters updates of the text recipe's optimiser on batches sample(), the teacher's tau rising from tau[0] to
     tau[1] over them (the small text preset's default; the paper's: 0.999, 0.9999) -> (teacher, target_var per
@@ -183,7 +183,7 @@ def sequence_run(seed: int, iters: int, lr: float, n_types: int, draw: Draw, g: 
             tokens, labels = draw(n)                                                     # (n, T), (n, T)
             x, pad_mask = model.encoder.embed(tokens)                                    # (n, T, C)
             h, _ = model.student(model.encoder(x, pad_mask), pad_mask)                   # (n, T, C)
-            # the first and last steps have one neighbour only
+            # the first and last steps have one neighbour only: (n * (T - 2), C) features, (n * (T - 2),) labels
             features += [h[:, 1:-1].reshape(-1, h.shape[-1]), labels[:, 1:-1].reshape(-1)]
     return dict(accuracy=linear_probe(*features), min_target_var=min(target_var, default=float("nan")))
 

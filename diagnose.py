@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 import torch
 import torch.nn.functional as F
 
@@ -112,7 +113,8 @@ def nearest_tokens(table: torch.Tensor, query: int, k: int) -> list[int]:
     return sims.topk(k).indices.tolist()
 
 
-def word_neighbours(words: str, enc, tables: dict[str, torch.Tensor], k: int = 5) -> dict[str, dict[str, list[str]]]:
+def word_neighbours(words: str, enc: tiktoken.Encoding, tables: dict[str, torch.Tensor],
+                    k: int = 5) -> dict[str, dict[str, list[str]]]:
     """{word: {table name: its k nearest token types}} for each comma-separated word that is one token of `enc` (as
     it appears mid-sentence, after a space); other words are left out."""
     result = {}
@@ -182,7 +184,7 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
                 x, frame_pad = model.embed(source, pad)                                   # (B, T, C), (B, T')
                 targets.append(model.teacher_targets(teacher, x, frame_pad))              # (B, T', C)
             real = torch.ones(targets[0].shape[:2], dtype=torch.bool) if frame_pad is None else ~frame_pad  # (B, T')
-            sims.append(F.cosine_similarity(targets[0], targets[1], dim=-1)[real].mean().item())
+            sims.append(F.cosine_similarity(targets[0], targets[1], dim=-1)[real].mean().item())  # (B, T')[real]
         if text:
             shuffled = shuffle_tokens(b["source"], special, g)                                # (B, T)
             for name, source, hidden in (("intact", b["source"], b["mask"]), ("shuffled", shuffled, b["mask"]),
@@ -217,6 +219,8 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
 def main(argv: list[str]) -> int:
     try:
         dc = DiagnoseConfig(**parse_overrides(DiagnoseConfig, argv))
+        if dc.batches < 1:
+            raise ConfigError(f"--batches={dc.batches}: needs at least 1")
         result = diagnose(dc)
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -141,7 +141,7 @@ def _require(ok: bool, what: str) -> None:
         raise ConversionError(f"unsupported checkpoint: {what}; the official data2vec checkpoints (SPEC §5) convert")
 
 
-def config_from_hf(c, modality: str) -> Config:
+def config_from_hf(c: object, modality: str) -> Config:
     """A Hugging Face Data2Vec*Config -> this project's Config: the base preset's recipe with the checkpoint's
     architecture (sizes, eps, dropout, LN placement, positions)."""
     _require(c.hidden_act == "gelu", f"hidden_act={c.hidden_act!r} (this project's FFN uses exact GELU)")
@@ -247,7 +247,7 @@ def is_hf_source(source: str) -> bool:
     return path.suffix not in (".pt", ".pth") and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
 
 
-def hf_model(source) -> nn.Module:
+def hf_model(source: str | Path | nn.Module) -> nn.Module:
     """A transformers model: the instance itself, or loaded from a folder or the hub. Hugging Face's own loading is
     made strict too: tensors it would have to initialise at random, or could not place, are a ConversionError."""
     transformers = _transformers()
@@ -277,7 +277,7 @@ def hf_model(source) -> nn.Module:
     return model
 
 
-def from_pretrained(source) -> Pretrained:
+def from_pretrained(source: str | Path | nn.Module) -> Pretrained:
     """An official data2vec checkpoint as this project's modules (random init nowhere, bar OPTIONAL tensors).
 
     source: a transformers Data2VecAudioModel / Data2VecAudioForCTC / Data2VecTextModel / Data2VecVisionModel /
@@ -298,7 +298,7 @@ def from_pretrained(source) -> Pretrained:
     return model
 
 
-def tokenizer(source: str):
+def tokenizer(source: str) -> object:
     """The checkpoint's own tokenizer (RoBERTa's BPE for data2vec text), from its folder or the hub."""
     transformers = _transformers()
     fix = f"save it beside the model with tokenizer.save_pretrained({str(source)!r})"

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from ctc import BLANK, encode_ltr, normalize_text, text_to_ltr
+from ctc import BLANK, LETTER_ID, encode_ltr, normalize_text, text_to_ltr
 from text_data import DataError  # one error class for bad user data: train.py and finetune.py catch it
 
 SAMPLE_RATE = 16000
@@ -192,6 +192,17 @@ class SpeechData:
         keep = [i for i, (_, n) in enumerate(entries) if not targets or n <= max_samples]
         if len(keep) < len(entries):
             print(f"{manifest}: left out {len(entries) - len(keep)} utterances longer than max_samples={max_samples}")
+        if not keep:
+            raise DataError(f"{manifest}: no utterance of at most max_samples={max_samples} samples "
+                            f"({'none listed' if not entries else 'raise --max_samples'})")
+        if targets:
+            # letters are single symbols; a longer unknown one means the line holds words (symbols such as a
+            # stray digit become <unk>, as fairseq's dictionary does)
+            for i in keep:
+                word = next((s for s in ltr[i].split() if len(s) > 1 and s not in LETTER_ID), None)
+                if word is not None:
+                    raise DataError(f"{Path(manifest).with_suffix('.ltr')}:{i + 1}: {word!r} is not a letter symbol; "
+                                    "lines look like 'H E L L O | W O R L D |' (ctc.text_to_ltr writes them)")
         self.max_samples = max_samples
         self.waves = [normalize_wave(load_audio(root / entries[i][0], min_samples)) for i in keep]
         self.lengths = torch.tensor([len(w) for w in self.waves])            # (N,)
@@ -221,14 +232,15 @@ class SpeechData:
         and return one of them at random, so every utterance is equally likely and padding stays small.
         """
         if batch_size > len(self):
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(self)} utterances")
+            raise DataError(f"--batch_size={batch_size} exceeds the {len(self)} utterances: lower it, or give more "
+                            f"audio (finetune.py: --budget_minutes)")
         pool_size = min(8 * batch_size, len(self)) // batch_size * batch_size
         pool = torch.randperm(len(self), generator=generator)[:pool_size]   # (pool,)
         pool = pool[self.lengths[pool].argsort()]
         chunk = int(torch.randint(pool_size // batch_size, (), generator=generator))
         ids = pool[chunk * batch_size : (chunk + 1) * batch_size]           # (B,)
         slack = (self.lengths[ids] - self.max_samples).clamp(min=0)          # (B,) croppable samples
-        starts = (torch.rand(batch_size, generator=generator) * (slack + 1)).long()
+        starts = (torch.rand(batch_size, generator=generator) * (slack + 1)).long()  # (B,)
         return self._collate(ids.tolist(), starts.tolist())
 
     def iterate(self, batch_size: int) -> Iterator[Batch]:
@@ -387,7 +399,14 @@ def prepare_speech(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4:
-        print(librispeech_manifest(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]))
-    else:
-        prepare_speech(*(Path(a) for a in sys.argv[1:2]))
+    try:
+        if len(sys.argv) == 4:
+            print(librispeech_manifest(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]))
+        elif len(sys.argv) <= 2:
+            prepare_speech(*(Path(a) for a in sys.argv[1:2]))
+        else:
+            sys.exit("usage: python speech_data.py [OUT_DIR]                    the espeak-ng corpus (data/speech)\n"
+                     "       python speech_data.py SPLIT_DIR OUT_DIR SPLIT_NAME  manifests for a LibriSpeech split, "
+                     "e.g. LibriSpeech/dev-clean data/librispeech dev_clean")
+    except DataError as e:
+        sys.exit(f"error: {e}")

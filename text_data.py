@@ -128,8 +128,12 @@ def read_tsv(path: Path) -> tuple[list[str], list[str]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"TSV file {path} does not exist: expected lines `sentence<TAB>label`")
+    try:
+        text = path.read_text(encoding="utf-8-sig")                     # -sig: a spreadsheet's byte-order mark
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     sentences, labels = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip() or (i == 1 and line.strip().lower() == "sentence\tlabel"):
             continue
         if "\t" not in line:
@@ -137,6 +141,8 @@ def read_tsv(path: Path) -> tuple[list[str], list[str]]:
         sentence, label = line.rsplit("\t", 1)
         sentences.append(sentence)
         labels.append(label.strip())
+    if not sentences:
+        raise DataError(f"{path} has no `sentence<TAB>label` lines")
     return sentences, labels
 
 
@@ -185,7 +191,7 @@ def prepare_text(source: Path | None, out_dir: Path, vocab_size: int = 8192, tok
 
     def encode(names: list[str]) -> np.ndarray:
         ids = enc.encode_ordinary_batch([docs[n] for n in names])
-        return np.concatenate([np.array(i, dtype=np.int64) for i in ids])
+        return np.concatenate([np.array(i, dtype=np.int64) for i in ids])          # (n_tokens,)
 
     train = encode(train_names)
     if source is None:

@@ -16,7 +16,6 @@ a pure function of (generator state, data): resuming at step N reproduces the un
 import json
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -164,7 +163,7 @@ def random_resized_crop(
     B = x.shape[0]
     area = scale[0] + (scale[1] - scale[0]) * torch.rand(B, 10, generator=generator)         # (B, 10)
     log_r = torch.tensor(ratio).log()
-    aspect = (log_r[0] + (log_r[1] - log_r[0]) * torch.rand(B, 10, generator=generator)).exp()
+    aspect = (log_r[0] + (log_r[1] - log_r[0]) * torch.rand(B, 10, generator=generator)).exp()  # (B, 10)
     cw, ch = (area * aspect).sqrt(), (area / aspect).sqrt()                   # (B, 10) crop side / image side
     fits = (cw <= 1) & (ch <= 1)
     first = fits.float().argmax(1, keepdim=True)                              # (B, 1) first try that fits
@@ -176,7 +175,7 @@ def random_resized_crop(
     theta = torch.zeros(B, 2, 3)                                              # output [-1, 1] -> input coordinates
     theta[:, 0, 0], theta[:, 0, 2] = cw, 2 * cx - 1
     theta[:, 1, 1], theta[:, 1, 2] = ch, 2 * cy - 1
-    grid = F.affine_grid(theta, [B, x.shape[1], size, size], align_corners=False)
+    grid = F.affine_grid(theta, [B, x.shape[1], size, size], align_corners=False)          # (B, size, size, 2)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -210,16 +209,9 @@ class ImageData:
         self.crop_scale, self.flip, self.jitter = crop_scale, flip, jitter
 
     @classmethod
-    def digits(
-        cls,
-        data_dir: Path = Path("data/digits"),
-        image_size: int = 32,
-        crop_scale: tuple[float, float] = (0.5, 1.0),
-        flip: bool = False,
-        jitter: float = 0.4,
-    ) -> "ImageData":
+    def digits(cls, data_dir: Path = Path("data/digits"), image_size: int = 32) -> "ImageData":
         """The bundled digits, 1 channel. Milder crops than ImageNet's (0.08, 1): an 8x8 digit has little to lose;
-        no flip by default: a mirrored digit is another symbol."""
+        no flip: a mirrored digit is another symbol."""
         prepare_digits(data_dir)
         d = np.load(Path(data_dir) / "digits.npz")
         images = torch.from_numpy(d["images"]).float().mul(255 / 16).round().to(torch.uint8)[:, None]  # (N, 1, 8, 8)
@@ -228,18 +220,12 @@ class ImageData:
         train = images[split["train"]].float() / 255
         return cls({k: images[i] for k, i in split.items()}, {k: labels[i] for k, i in split.items()},
                    [str(c) for c in range(10)], image_size=image_size, mean=(train.mean().item(),),
-                   std=(train.std().item(),), crop_scale=crop_scale, flip=flip, jitter=jitter)
+                   std=(train.std().item(),), crop_scale=(0.5, 1.0), flip=False, jitter=0.4)
 
     @classmethod
-    def folder(
-        cls,
-        root: Path,
-        image_size: int = 224,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        flip: bool = True,
-        jitter: float = 0.4,
-    ) -> "ImageData":
-        """`root/<class>/...` split 80/20 per class with a fixed seed, or `root/train/<class>/...` + `root/val/...`."""
+    def folder(cls, root: Path, image_size: int = 224) -> "ImageData":
+        """`root/<class>/...` split 80/20 per class with a fixed seed, or `root/train/<class>/...` + `root/val/...`.
+        Augmented with BEiT's ImageNet settings: crops of (0.08, 1) of the area, flips, colour jitter 0.4."""
         root = Path(root)
         if (root / "train").is_dir():
             if not (root / "val").is_dir():
@@ -251,8 +237,11 @@ class ImageData:
             x, y, names = load_image_folder(root, image_size)
             train_idx, test_idx = (torch.from_numpy(i) for i in _stratified_split(y.numpy()))
             images, labels = {"train": x[train_idx], "test": x[test_idx]}, {"train": y[train_idx], "test": y[test_idx]}
+            if not len(test_idx):
+                raise DataError(f"{root}: no class has 2 or more readable images, so none is left for the held-out "
+                                "split; add images, or give root/train/<class>/... and root/val/<class>/...")
         return cls(images, labels, names, image_size=image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   crop_scale=crop_scale, flip=flip, jitter=jitter)
+                   crop_scale=(0.08, 1.0), flip=True, jitter=0.4)
 
     def view(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """uint8 (B, C, h, w) -> normalised float (B, C, S, S); augmented when a generator is given."""
@@ -274,14 +263,3 @@ class ImageData:
         idx = torch.randint(len(self.labels[split]), (batch_size,), generator=generator)    # (B,)
         return self.view(self.images[split][idx], generator if augment else None), self.labels[split][idx]
 
-    def iterate(
-        self, split: str, batch_size: int, rank: int = 0, world_size: int = 1
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Every image of the split once, in order, without augmentation; rank r of W gets images r, r + W, ..."""
-        idx = torch.arange(rank, len(self.labels[split]), world_size)
-        for chunk in idx.split(batch_size):
-            yield self.view(self.images[split][chunk], None), self.labels[split][chunk]
-
-    def all(self, split: str) -> tuple[Tensor, Tensor]:
-        """The whole split as one un-augmented batch: (images (N, C, S, S), labels (N,))."""
-        return self.view(self.images[split], None), self.labels[split]

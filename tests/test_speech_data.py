@@ -90,6 +90,17 @@ def test_manifest_problems_raise_data_error(corpus: Path, tmp_path: Path):
         read_manifest(corpus)
 
 
+def test_transcripts_in_words_and_too_few_utterances_raise_data_error(corpus: Path):
+    ltr = corpus.with_suffix(".ltr")
+    ltr.write_text("".join(f"WORD {'A' * (i + 1)} |\n" for i in range(8)))  # words, not `W O R D |` letters
+    with pytest.raises(DataError, match=r"train\.ltr:1: 'WORD' is not a letter symbol"):
+        SpeechData(corpus, max_samples=8000, targets=True)
+    with pytest.raises(DataError, match="raise --max_samples"):
+        SpeechData(corpus, max_samples=100, targets=True)
+    with pytest.raises(DataError, match="--batch_size=9 exceeds the 8 utterances"):
+        SpeechData(corpus, max_samples=8000).batch(9, torch.Generator())
+
+
 def test_normalize_wave():
     wave = normalize_wave(torch.from_numpy(tone(5000)).float())
     assert abs(wave.mean()) < 1e-5 and abs(wave.std(unbiased=False) - 1) < 1e-3

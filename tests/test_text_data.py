@@ -234,6 +234,14 @@ def test_read_tsv(tmp_path):
         read_tsv(f)
     with pytest.raises(DataError, match="missing.tsv"):
         read_tsv(tmp_path / "missing.tsv")
+    f.write_text("\ufeffsentence\tlabel\nhi\t1\n", encoding="utf-8")          # a spreadsheet's byte-order mark
+    assert read_tsv(f) == (["hi"], ["1"])
+    f.write_bytes("café\t1\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_tsv(f)
+    f.write_text("sentence\tlabel\n")
+    with pytest.raises(DataError, match="no `sentence<TAB>label` lines"):
+        read_tsv(f)
 
 
 def test_encode_texts(sonnet_ranks):
