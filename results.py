@@ -179,7 +179,7 @@ def main(argv: list[str]) -> int:
         for modality in modalities:
             summary = run_modality(modality, rc)
             write_json(Path(rc.out_dir) / modality / "summary.json", summary)
-    except (ConfigError, CheckpointError, DataError) as e:
+    except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     # the table and plot cover every modality finished so far, also from earlier invocations
