@@ -174,7 +174,9 @@ def config_from_hf(c: object, modality: str) -> Config:
         arch.update(img_size=size, patch_size=patch, pre_ln=True, k_bias=False, layer_scale=c.layer_scale_init_value,
                     final_ln=not c.use_mean_pooling, rel_pos_per_layer=c.use_relative_position_bias,
                     drop_path=c.drop_path_rate, dropout=c.hidden_dropout_prob, attn_dropout=c.attention_probs_dropout_prob)
-    return Config(**{**PRESETS[modality]["base"], **arch})
+    base = PRESETS[modality]["base"]
+    arch["top_k"] = min(base["top_k"], arch["n_layer"])   # the recipe's K, in a shallower (test-sized) model all blocks
+    return Config(**{**base, **arch})
 
 
 # -----------------------------------------------------------------------------
