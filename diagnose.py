@@ -35,7 +35,7 @@ nearest tokens (text, --words): for a few words, the token types whose embedding
 checkpoint and in word vectors counted from the training split's co-occurrences (finetune.ppmi_vectors): the
 counted ones group words by topic and use (king: King, Henry, crown, England), an untrained table at random; the
 students measured so far that read their neighbours group words that fill the same slot in a sentence (king:
-master, liege; README).
+master, liege; FINDINGS.md).
 
 embedding norms (text): the mean L2 norm of the token rows (normal tokens) and of the position rows a full passage
 reads, in the checkpoint and in the model the run started from (the same config and seed, freshly initialised).

@@ -3,7 +3,7 @@
 The student, its input (BERT's corrupted ids) and its head are data2vec's; only the objective differs: at masked
 steps the head's output scores every token type through the tied token embedding, and the loss is the cross-entropy
 of the original token. No teacher is read. `python train.py --modality=text --objective=mlm` trains it with the same
-recipe, so the two objectives can be compared at equal budget (README, "Position instead of content").
+recipe, so the two objectives can be compared at equal budget (FINDINGS.md).
 RoBERTa's own LM head is dense -> GELU -> LayerNorm -> tied decoder + bias; data2vec's text head
 (Linear(C, 2C) -> GELU -> Linear(2C, C)) stands in for it here, so that the two models have the same weights.
 train.py still keeps and checkpoints its EMA teacher (the update is about 0.1 % of a step); nothing reads it.

@@ -46,7 +46,7 @@ def test_the_student_learns_to_use_context_on_a_markov_chain():
     neighbours) 0.94, 1.06. A student whose attention is restricted to each step itself (patched in, seed 0) scores
     1.09 on the chain and fails the first assertion. At lr 5e-4 the same run scores 1.035: the targets
     drift to something the student predicts without context (intact loss 0.07 against 0.30-0.49 at lr 2e-3) before
-    it learns to read the neighbours, the race the text preset loses (README, "Position instead of content"). Longer
+    it learns to read the neighbours, the race the text preset loses (FINDINGS.md). Longer
     chains lose it too: length=64 gives 1.000, 0.981, 0.970 and length=128 gives 1.012, 0.999, 1.021 (seeds 0-2)."""
     assert context_ratio(seed=0, noise=0.1) > 1.5
     assert context_ratio(seed=0, noise=1.0) < 1.2
