@@ -632,10 +632,21 @@ def train(cfg: Config) -> Path:
         check_compatible(ckpt, cfg, ckpt_path)
 
     # ---- data (rank 0 prepares, the others wait) ----
+    failure = None
     if master:
-        task = TASKS[cfg.modality](cfg, prepare=True)
+        try:
+            task = TASKS[cfg.modality](cfg, prepare=True)
+        except (ConfigError, DataError) as e:
+            failure = e
     if dist.is_initialized():
-        dist.barrier()
+        # rank 0's verdict reaches every process, so a bad --data stops them all with its message, not the others
+        # with a broken connection
+        verdict = [None if failure is None else str(failure)]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None and failure is None:
+            failure = DataError(verdict[0])
+    if failure is not None:
+        raise failure
     if not master:
         task = TASKS[cfg.modality](cfg, prepare=False)
 

@@ -251,6 +251,17 @@ def test_ddp_evaluates_with_fewer_held_out_batches_than_processes(corpus, tmp_pa
     assert history(tmp_path)["eval_step"] == [0, 2, 3]
 
 
+@pytest.mark.slow
+def test_ddp_bad_data_stops_every_process_with_its_message(tmp_path):
+    """Rank 0 prepares the data; when that fails, rank 1 stops with the same message, not a broken connection."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *TINY, f"--data={tmp_path / 'nope.txt'}", f"--out_dir={tmp_path / 'o'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: text source") == 2 and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_bench_times_the_training_step(corpus, capsys):
     """bench.py builds its micro-batches the way train.py does (device_batch) and reports throughput, MFU, EMA share."""
     assert bench.main([*TINY, f"--data={corpus}", "--max_iters=2", "--grad_accum=2"]) == 0
