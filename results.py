@@ -66,10 +66,11 @@ def pretrain(modality: str, seed: int, out: Path, device: str) -> dict:
                     "out_dir": str(out / "pretrain")})
     ckpt_path = Path(cfg.out_dir) / "ckpt.pt"
     cfg.resume = ckpt_path.exists()
-    t0 = time.time()
     train(cfg)
-    history = load_checkpoint(ckpt_path)["history"]
-    result = dict(ckpt=str(ckpt_path), seconds=time.time() - t0, eval_loss=history["eval_loss"][-1],
+    ckpt = load_checkpoint(ckpt_path)
+    history = ckpt["history"]
+    # the checkpoint's training time counts every part of a resumed run
+    result = dict(ckpt=str(ckpt_path), seconds=ckpt["seconds"], eval_loss=history["eval_loss"][-1],
                   min_target_var=min(history["target_var"]), hardware=hardware())
     write_json(done, result)
     return result

@@ -718,7 +718,7 @@ def train(cfg: Config) -> Path:
     def state() -> dict:
         return dict(model=raw_model.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(), step=step, config=asdict(cfg), history=history,
-                    rng=gather_rng_states(world))
+                    rng=gather_rng_states(world), seconds=seconds_before + time.time() - t_start)
 
     micro = cfg.grad_accum // world
     tokens_per_step = cfg.batch_size * cfg.grad_accum * task.steps_per_sample
@@ -728,6 +728,7 @@ def train(cfg: Config) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     t_start, t_last, last_step = time.time(), time.time(), step
+    seconds_before = ckpt.get("seconds", 0.0) if ckpt is not None else 0.0     # the run's time before this resume
     batches = draw(step)
     while step < cfg.max_iters:
         if step % cfg.eval_interval == 0:
