@@ -46,6 +46,12 @@ class TargetConfig:
                              "centred on each step")
 
 
+def check_depth(targets: TargetConfig, n_layer: int) -> None:
+    """The targets average the top K of the student's blocks, so K cannot exceed its depth."""
+    if targets.top_k > n_layer:
+        raise ValueError(f"top_k={targets.top_k}: the targets average the top K of the n_layer={n_layer} blocks")
+
+
 def ema_tau(step: int, tau_0: float, tau_e: float, tau_n: int) -> float:
     """Linear EMA decay schedule from tau_0 to tau_e over tau_n updates, then constant (SPEC §1.7)."""
     if step >= tau_n:
@@ -150,8 +156,7 @@ class Data2Vec(nn.Module):
 
     def __init__(self, encoder: nn.Module, cfg: TransformerConfig, targets: TargetConfig, head_hidden: bool):
         super().__init__()
-        if targets.top_k > cfg.n_layer:
-            raise ValueError(f"top_k={targets.top_k}: the targets average the top K of the {cfg.n_layer} blocks")
+        check_depth(targets, cfg.n_layer)
         self.encoder = encoder
         self.student = Transformer(cfg)
         self.targets = targets

@@ -155,6 +155,8 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
     of the pooled features per layer, the Transformer's input first) and examples (how many they pool)."""
     if not dc.ckpt:
         raise ConfigError("pass --ckpt=<a train.py checkpoint>, e.g. --ckpt=out-speech/ckpt.pt")
+    if dc.batches < 1:
+        raise ConfigError(f"--batches={dc.batches}: needs at least 1")
     path = Path(dc.ckpt)
     ckpt = load_checkpoint(path, "pass the ckpt.pt of a train.py run, e.g. --ckpt=out-text/ckpt.pt")
     cfg = Config(**ckpt["config"])
@@ -219,8 +221,6 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
 def main(argv: list[str]) -> int:
     try:
         dc = DiagnoseConfig(**parse_overrides(DiagnoseConfig, argv))
-        if dc.batches < 1:
-            raise ConfigError(f"--batches={dc.batches}: needs at least 1")
         result = diagnose(dc)
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data2vec import Data2Vec, EMATeacher, TargetConfig, collapse_stat
+from data2vec import Data2Vec, EMATeacher, TargetConfig, check_depth, collapse_stat
 from encoders import ConvFeatureExtractor, PatchEncoder, SpeechEncoder, TextEncoder, conv_output_lengths
 from masking import bert_mask, block_mask, span_mask
 from mlm import MaskedLM
@@ -259,11 +259,9 @@ def parse_args(argv: list[str]) -> Config:
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key}={getattr(cfg, key)}: needs at least 1")
     try:
-        sub_config(TransformerConfig, cfg), sub_config(TargetConfig, cfg)
+        check_depth(sub_config(TargetConfig, cfg), sub_config(TransformerConfig, cfg).n_layer)
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None
-    if cfg.top_k > cfg.n_layer:
-        raise ConfigError(f"--top_k={cfg.top_k}: the targets average the top K of the --n_layer={cfg.n_layer} blocks")
     if not 0 < cfg.mask_ratio <= 1:
         raise ConfigError(f"--mask_ratio={cfg.mask_ratio}: the masked share of the patches, in (0, 1]")
     if cfg.positions not in ("absolute", "relative"):

@@ -122,6 +122,8 @@ def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     assert all(1 <= r <= 7 for r in result["feature_rank"] + result["feature_rank_init"])
     assert diagnose.main([f"--ckpt={tmp_path / 'missing.pt'}"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+    assert diagnose.main([f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--batches=0"]) == 1
+    assert "--batches=0: needs at least 1" in capsys.readouterr().err
 
 
 def test_diagnose_a_masked_lm_checkpoint(tmp_path, capsys):

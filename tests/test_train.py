@@ -36,6 +36,14 @@ def run(args: list[str], capsys=None) -> tuple[int, str]:
     return code, err
 
 
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    """train.py under torchrun: 2 CPU processes (gloo), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *args]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+
+
 def history(out: Path) -> dict:
     return torch.load(out / "ckpt.pt", weights_only=True)["history"]
 
@@ -64,7 +72,7 @@ def test_preset_then_overrides():
     (["--modality=vision", "--positions=relative"], "how text encodes word order"),
     (["--eval_interval=0"], "--eval_interval=0: needs at least 1"),
     (["--top_k=0"], "average at least one block"),
-    (["--top_k=5"], "top K of the --n_layer=4 blocks"),
+    (["--top_k=5"], "top K of the n_layer=4 blocks"),
     (["--target_layer=fnn"], "use one of ffn, attn, block"),
     (["--final_norm=batch"], "use one of layer, instance, none"),
     (["--teacher_context=2"], "an odd window width"),
@@ -227,10 +235,7 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
     args = [*TINY, f"--data={corpus}", "--max_iters=20", "--grad_accum=2", "--dropout=0", "--attn_dropout=0",
             "--eval_interval=10"]
     assert run([*args, f"--out_dir={tmp_path / 'one'}"])[0] == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *args, f"--out_dir={tmp_path / 'two'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun([*args, f"--out_dir={tmp_path / 'two'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = history(tmp_path / "one"), history(tmp_path / "two")
     assert len(one["loss"]) == len(two["loss"]) == 20
@@ -242,11 +247,8 @@ def test_ddp_two_processes_match_one_process(corpus, tmp_path):
 def test_ddp_evaluates_with_fewer_held_out_batches_than_processes(corpus, tmp_path):
     """A model with a buffer (the relative position index) and --eval_iters=1 under 2 processes: the rank without a
     held-out batch must not wait in a collective that the other rank never joins (DDP's buffer sync)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           *TINY, f"--data={corpus}", "--max_iters=3", "--grad_accum=2", "--positions=relative", "--eval_iters=1",
-           "--eval_interval=2", f"--out_dir={tmp_path}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=180)
+    proc = torchrun([*TINY, f"--data={corpus}", "--max_iters=3", "--grad_accum=2", "--positions=relative",
+                     "--eval_iters=1", "--eval_interval=2", f"--out_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert history(tmp_path)["eval_step"] == [0, 2, 3]
 
@@ -254,10 +256,7 @@ def test_ddp_evaluates_with_fewer_held_out_batches_than_processes(corpus, tmp_pa
 @pytest.mark.slow
 def test_ddp_bad_data_stops_every_process_with_its_message(tmp_path):
     """Rank 0 prepares the data; when that fails, rank 1 stops with the same message, not a broken connection."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-           *TINY, f"--data={tmp_path / 'nope.txt'}", f"--out_dir={tmp_path / 'o'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=180)
+    proc = torchrun([*TINY, f"--data={tmp_path / 'nope.txt'}", f"--out_dir={tmp_path / 'o'}"])
     assert proc.returncode != 0
     assert proc.stderr.count("error: text source") == 2 and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
 
