@@ -41,6 +41,11 @@ embedding norms (text): the mean L2 norm of the token rows (normal tokens) and o
 reads, in the checkpoint and in the model the run started from (the same config and seed, freshly initialised).
 The teacher reads the student's embeddings (shared, SPEC §2), so positions that grow while tokens stay put move
 the teacher's input, and its targets, towards position.
+
+embedding gradients (text): the median magnitude, per coordinate, of the gradient of the held-out loss (per masked
+token, as train.py normalises it, before clipping) on the token rows a batch holds and on the position rows of a full
+passage, in the checkpoint and at initialisation. The masked steps read `<mask>` plus their own position row, so a
+position row gets the gradient of its step directly, a token row only through the attention of the steps that read it.
 """
 
 import sys
@@ -97,6 +102,27 @@ def embedding_norms(encoder: TextEncoder, n_normal: int, block_size: int) -> tup
     return tokens.norm(dim=1).mean().item(), positions.norm(dim=1).mean().item()
 
 
+def embedding_gradients(model: Data2Vec, teacher: EMATeacher, source: torch.Tensor, mask: torch.Tensor,
+                        student_source: torch.Tensor, n_normal: int, block_size: int) -> tuple[float, float | None]:
+    """-> the median |gradient| per coordinate of the loss per masked token (source, student_source: (B, T) ids; mask:
+    (B, T) bool) on the embedding rows of the normal tokens in student_source, and on the position rows 2 ..
+    block_size + 1 (None for an encoder without them). The model's gradients are left cleared."""
+    encoder = model.encoder
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss, _, _ = model(source, mask, teacher, student_source=student_source)
+        (loss / mask.sum()).backward()
+    held = student_source.unique()
+    held = held[held < n_normal]                                                            # (n_held,)
+    median = lambda g: float(np.median(g.abs().cpu().numpy()))
+    token = median(encoder.tokens.weight.grad[held])                                        # over (n_held, C)
+    position = None
+    if encoder.positions is not None:
+        position = median(encoder.positions.weight.grad[2:block_size + 2])                  # over (block_size, C)
+    model.zero_grad(set_to_none=True)
+    return token, position
+
+
 def frequency_entropy(stream: np.ndarray, n_normal: int) -> float:
     """Entropy in nats of the frequencies of the normal tokens (ids below n_normal) in a token stream."""
     counts = np.bincount(stream[stream < n_normal], minlength=n_normal).astype(np.float64)        # (n_normal,)
@@ -149,7 +175,8 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
     """The checks over dc.batches held-out batches -> position_similarity (not for a masked-LM run), and for text
     loss_intact, loss_shuffled, loss_blank (per masked token, every masked token shown as <mask>; for loss_blank
     every normal token), context_gain = loss_blank / loss_intact, order_gain = loss_shuffled / loss_intact, the
-    embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init, and for a
+    embedding norms token_norm, position_norm (checkpoint) and token_norm_init, position_norm_init, the embedding
+    gradients token_grad, position_grad and token_grad_init, position_grad_init (median over batches), and for a
     masked-LM run frequency_entropy, and with dc.words neighbours (word_neighbours of the checkpoint's token
     embeddings and of counted word vectors); for every modality feature_rank and feature_rank_init (effective rank
     of the pooled features per layer, the Transformer's input first) and examples (how many they pool)."""
@@ -169,10 +196,12 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
     with torch.random.fork_rng():                         # train.py's initial weights, without reseeding the caller
         torch.manual_seed(cfg.seed)
         initial = task.build_model().eval()
+    initial_teacher = EMATeacher(initial.student, cfg.tau_0, cfg.tau_e, cfg.tau_n)
     g = torch.Generator().manual_seed(dc.seed)
     text = cfg.modality == "text"
     targets_too = cfg.objective != "mlm"                  # a masked-LM run has no teacher targets to compare
     sims, losses, pooled = [], {"intact": [], "shuffled": [], "blank": []}, {"": [], "_init": []}
+    grads = {"": [], "_init": []}                                     # per batch: (token rows, position rows)
     for _ in range(dc.batches):
         b = task.batch("val", g)
         special = task.data.special(b["source"]) if text else None                        # (B, T)
@@ -194,6 +223,10 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
                 student = source.masked_fill(hidden, task.data.mask_id)                       # (B, T)
                 loss, _, _ = model(source, b["mask"], teacher, student_source=student)
                 losses[name].append(loss.item() / b["mask"].sum().item())
+            student = b["source"].masked_fill(b["mask"], task.data.mask_id)                  # (B, T)
+            for suffix, m, t in (("", model, teacher), ("_init", initial, initial_teacher)):
+                grads[suffix].append(embedding_gradients(m, t, b["source"], b["mask"], student, n_normal,
+                                                         cfg.block_size))
     result = {"position_similarity": sum(sims) / len(sims)} if targets_too else {}
     for suffix, per_batch in pooled.items():
         layers = [torch.cat(layer) for layer in zip(*per_batch)]                            # (1 + n_layer) x (N, C)
@@ -206,6 +239,10 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
         for suffix, encoder in (("", model.encoder), ("_init", initial.encoder)):
             token, position = embedding_norms(encoder, task.data.n_normal, cfg.block_size)
             result.update({f"token_norm{suffix}": token, f"position_norm{suffix}": position})
+        for suffix, per_batch in grads.items():
+            token, position = zip(*per_batch)
+            result[f"token_grad{suffix}"] = float(np.median(token))
+            result[f"position_grad{suffix}"] = None if position[0] is None else float(np.median(position))
         if dc.words:
             n_normal = task.data.n_normal
             with torch.random.fork_rng():                         # the randomised SVD, without reseeding the caller
@@ -240,6 +277,11 @@ def main(argv: list[str]) -> int:
                      f"{result['position_norm_init']:.3f} -> {result['position_norm']:.3f}")
         print(f"embedding norms, mean per row: tokens {result['token_norm_init']:.3f} at initialisation -> "
               f"{result['token_norm']:.3f}, positions {positions}")
+        position_grads = ("none" if result["position_grad"] is None else
+                          f"{result['position_grad_init']:.1e} -> {result['position_grad']:.1e}")
+        print(f"embedding gradients, median per coordinate: tokens {result['token_grad_init']:.1e} at initialisation "
+              f"-> {result['token_grad']:.1e}, positions {position_grads} (positions far above tokens: the loss "
+              "reaches the position rows directly, the token rows only through context)")
     for word, lists in result.get("neighbours", {}).items():
         print(f"nearest token types to {word!r}: in the checkpoint's embeddings {lists['checkpoint']}; in word "
               f"vectors counted on the training split (finetune.ppmi_vectors) {lists['counted']}")

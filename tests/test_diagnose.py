@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import diagnose
 import train
-from data2vec import Data2Vec, TargetConfig
-from diagnose import (content_free, effective_rank, embedding_norms, frequency_entropy, nearest_tokens, pooled_layers,
-                      shuffle_tokens)
+from data2vec import Data2Vec, EMATeacher, TargetConfig
+from diagnose import (content_free, effective_rank, embedding_gradients, embedding_norms, frequency_entropy,
+                      nearest_tokens, pooled_layers, shuffle_tokens)
 from encoders import TextEncoder
 from transformer import TransformerConfig
 
@@ -52,6 +53,48 @@ def test_embedding_norms_read_the_normal_tokens_and_the_positions_of_a_full_pass
         encoder.positions.weight.fill_(3.0)                 # rows 0 and 1 (unused, padding) would pull the mean up
         encoder.positions.weight[2:] = torch.tensor([0.0, 0.0, 0.0, 2.0])
     assert embedding_norms(encoder, n_normal=7, block_size=6) == (1.0, 2.0)
+
+
+def test_embedding_gradients_against_finite_differences_of_the_student_loss():
+    # ids 0-7 normal tokens, then <s> 8, <pad> 9, </s> 10, <mask> 11 (text_data's order)
+    torch.manual_seed(0)
+    cfg = TransformerConfig(n_layer=2, dim=8, n_head=2, ffn_dim=16, dropout=0.0, attn_dropout=0.0)
+    model = Data2Vec(TextEncoder(12, 8, 6, pad_id=9, dropout=0.0), cfg, TargetConfig(top_k=2, target_norm="layer",
+                     loss_beta=4.0, loss_scale=False), head_hidden=True).double().eval()
+    teacher = EMATeacher(model.student, 0.99, 0.999, 10)
+    teacher.model.double()
+    source = torch.tensor([[8, 5, 6, 7, 3, 10], [8, 2, 5, 4, 10, 9]])                 # (B, T), one row padded
+    mask = torch.tensor([[0, 1, 0, 1, 0, 0], [0, 0, 1, 0, 0, 0]], dtype=torch.bool)
+    student = source.masked_fill(mask, 11)
+    # the position rows of the first 3 steps (2, 3, 4): fewer rows than the table holds, so a wrong offset would show
+    token, position = embedding_gradients(model, teacher, source, mask, student, n_normal=8, block_size=3)
+    assert all(p.grad is None for p in model.parameters())
+
+    with torch.no_grad():                                   # naive: the targets fixed, the student's loss by hand
+        x, pad = model.embed(source)
+        y = model.teacher_targets(teacher, x, pad)[mask]                                  # (N, C)
+
+    def loss() -> float:
+        h, _ = model.student(model.encoder(model.encoder.tokens(student), pad), pad)      # (B, T, C)
+        return float(F.smooth_l1_loss(model.head(h[mask]), y, beta=4.0, reduction="sum") / mask.sum())
+
+    def finite_differences(table: torch.Tensor, rows: list[int], eps: float = 1e-6) -> list[float]:
+        out = []
+        with torch.no_grad():
+            for r in rows:
+                for c in range(table.shape[1]):
+                    table[r, c] += eps
+                    up = loss()
+                    table[r, c] -= 2 * eps
+                    down = loss()
+                    table[r, c] += eps
+                    out.append(abs(up - down) / (2 * eps))
+        return out
+
+    held = [2, 3, 4, 6]                                      # the normal tokens the student sees (5, 7: always masked)
+    assert token == pytest.approx(float(np.median(finite_differences(model.encoder.tokens.weight, held))), rel=1e-4)
+    assert position == pytest.approx(float(np.median(finite_differences(model.encoder.positions.weight,
+                                                                          [2, 3, 4]))), rel=1e-4)
 
 
 def test_frequency_entropy_counts_the_normal_tokens_only():
@@ -117,6 +160,7 @@ def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     assert result["order_gain"] == pytest.approx(result["loss_shuffled"] / result["loss_intact"])
     assert result["token_norm_init"] == pytest.approx(0.02 * 32 ** 0.5, rel=0.3)        # std 0.02 rows of width 32
     assert result["position_norm"] != result["position_norm_init"]                         # two updates moved them
+    assert result["position_grad_init"] > result["token_grad_init"] > 0                     # positions: the direct path
     assert result["examples"] == 8                                                          # 2 batches of 4
     assert len(result["feature_rank"]) == len(result["feature_rank_init"]) == 3             # input, 2 blocks
     assert all(1 <= r <= 7 for r in result["feature_rank"] + result["feature_rank_init"])
