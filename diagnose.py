@@ -45,7 +45,8 @@ the teacher's input, and its targets, towards position.
 embedding gradients (text): the median magnitude, per coordinate, of the gradient of the held-out loss (per masked
 token, as train.py normalises it, before clipping) on the token rows a batch holds and on the position rows of a full
 passage, in the checkpoint and at initialisation. The masked steps read `<mask>` plus their own position row, so a
-position row gets the gradient of its step directly, a token row only through the attention of the steps that read it.
+position row gets the gradient of its step directly, a token row only through the attention of the steps that read it
+(in a masked-LM run also through the output scores, which read the tied token embedding).
 """
 
 import sys
