@@ -93,13 +93,19 @@ def shuffle_tokens(tokens: torch.Tensor, special: torch.Tensor, generator: torch
     return out
 
 
+def passage_rows(table: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The rows of a position table (or of its gradient) that a full passage reads: 2 .. block_size + 1, RoBERTa's
+    offset (encoders.TextEncoder). -> (block_size, C)"""
+    return table[2:block_size + 2]
+
+
 def embedding_norms(encoder: TextEncoder, n_normal: int, block_size: int) -> tuple[float, float | None]:
-    """-> mean L2 norm of the normal tokens' embedding rows, of the position rows 2 .. block_size + 1 (None for an
-    encoder without them, --positions=relative)."""
+    """-> mean L2 norm of the normal tokens' embedding rows, of the position rows a full passage reads (passage_rows;
+    None for an encoder without them, --positions=relative)."""
     tokens = encoder.tokens.weight[:n_normal]                                              # (n_normal, C)
     if encoder.positions is None:
         return tokens.norm(dim=1).mean().item(), None
-    positions = encoder.positions.weight[2:block_size + 2]                                 # (block_size, C)
+    positions = passage_rows(encoder.positions.weight, block_size)                         # (block_size, C)
     return tokens.norm(dim=1).mean().item(), positions.norm(dim=1).mean().item()
 
 
@@ -107,7 +113,7 @@ def embedding_gradients(model: Data2Vec, teacher: EMATeacher, source: torch.Tens
                         student_source: torch.Tensor, n_normal: int, block_size: int) -> tuple[float, float | None]:
     """-> the median |gradient| per coordinate of the loss per masked token (source, student_source: (B, T) ids; mask:
     (B, T) bool) on the embedding rows of the normal tokens in student_source, and on the position rows 2 ..
-    block_size + 1 (None for an encoder without them). The model's gradients are left cleared."""
+    block_size + 1 (passage_rows; None for an encoder without them). The model's gradients are left cleared."""
     encoder = model.encoder
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
@@ -119,7 +125,7 @@ def embedding_gradients(model: Data2Vec, teacher: EMATeacher, source: torch.Tens
     token = median(encoder.tokens.weight.grad[held])                                        # over (n_held, C)
     position = None
     if encoder.positions is not None:
-        position = median(encoder.positions.weight.grad[2:block_size + 2])                  # over (block_size, C)
+        position = median(passage_rows(encoder.positions.weight.grad, block_size))
     model.zero_grad(set_to_none=True)
     return token, position
 
