@@ -2,8 +2,11 @@
 
     python bench.py --modality=text --n_layer=4 --dim=256 --n_head=4 --ffn_dim=1024 --block_size=128 --batch_size=16
     python bench.py --modality=text --preset=base --block_size=512 --batch_size=32 --dtype=bfloat16 --compile   # a GPU
+    python bench.py --modality=text --profile    # then where a step's time goes, by operation (torch.profiler)
 
 Settings are train.py's Config (same presets and --key=value overrides); --max_iters is the number of timed steps.
+--profile (bench.py's own flag) profiles as many steps again, after the timing, and lists the operations that take
+the most time: on a CPU the ATen ops' own time, on a GPU the kernels'.
 A step is what train.py does per optimizer update: student forward + backward, teacher forward, optimizer, EMA
 (without train.py's gradient clipping; --objective=mlm: no teacher forward, plus the scores over the vocabulary).
 MFU = (matmul FLOPs of the step) / time / peak. The peak comes from a lookup by GPU name (dense bf16/fp16 tensor
@@ -12,9 +15,12 @@ cores), or, on a CPU, from a large fp32 matmul measured in the same run.
 
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
 from data2vec import Data2Vec, EMATeacher
 from mlm import MaskedLM
@@ -48,6 +54,42 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")   # a CPU's matmuls, by their own time
+
+
+def profile_steps(step: Callable[[int], None], n: int, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
+    """Run n steps under torch.profiler. Returns the profiled step's wall time (the profiler slows it) and
+    (name, seconds per step) for each operation, most time first: on a CPU each ATen op's self time, on a GPU each
+    kernel's time (the ops that launch them would count it twice)."""
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        t0 = time.perf_counter()
+        for i in range(n):
+            step(i)
+        sync(device)
+        wall = (time.perf_counter() - t0) / n
+    if cuda:
+        rows = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    else:
+        rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    return wall, sorted(((name, us / 1e6 / n) for name, us in rows if us > 0), key=lambda r: -r[1])
+
+
+def print_profile(wall: float, rows: list[tuple[str, float]], flops: float, device: torch.device, top: int = 12) -> None:
+    what = "kernels" if device.type == "cuda" else "ATen ops (self time)"
+    print(f"profiled step {wall * 1e3:.1f} ms (torch.profiler's overhead included); the {top} {what} that take "
+          "the most time:")
+    for name, sec in rows[:top]:
+        print(f"  {sec * 1e3:8.1f} ms {100 * sec / wall:5.1f} %  {name[:90]}")
+    rest = sum(sec for _, sec in rows[top:])
+    print(f"  {rest * 1e3:8.1f} ms {100 * rest / wall:5.1f} %  the other {len(rows[top:])}")
+    if device.type != "cuda":
+        mm = sum(sec for name, sec in rows if name in MATMUL_OPS)
+        print(f"matmuls ({', '.join(MATMUL_OPS)}): {mm * 1e3:.1f} ms = {100 * mm / wall:.1f} % of the profiled step; "
+              f"the step's matmul FLOPs over this time: {flops / mm / 1e12:.3f} TFLOP/s (an upper bound: the "
+              "teacher's attention runs inside its SDPA kernel)")
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -68,6 +110,8 @@ def step_flops(model: Data2Vec, batch: dict, steps_per_sample: int) -> float:
 
 
 def main(argv: list[str]) -> int:
+    profiling = "--profile" in argv
+    argv = [a for a in argv if a != "--profile"]
     try:
         cfg = parse_args(["--max_iters=10", *argv])
         _, _, device, dtype = setup_system(cfg)
@@ -124,6 +168,8 @@ def main(argv: list[str]) -> int:
     print(f"step {dt * 1e3:.1f} ms | {tokens / dt:,.0f} tokens/s | {flops / dt / 1e12:.3f} TFLOP/s | "
           f"peak {peak / 1e12:.3f} TFLOP/s ({peak_src}) | MFU {100 * flops / dt / peak:.1f} % | "
           f"EMA {dt_ema * 1e3:.2f} ms = {100 * dt_ema / dt:.1f} % of the step")
+    if profiling:
+        print_profile(*profile_steps(step, cfg.max_iters, device), flops, device)
     return 0
 
 

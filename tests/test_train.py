@@ -267,3 +267,20 @@ def test_bench_times_the_training_step(corpus, capsys):
     last = capsys.readouterr().out.strip().splitlines()[-1]
     mfu = float(last.split("MFU ")[1].split(" %")[0])
     assert "tokens/s" in last and "of the step" in last and 0 < mfu < 100, last
+
+
+def test_bench_profile_lists_where_the_step_goes(corpus, capsys):
+    """--profile: the ops' own times are parts of the profiled step, so they add up to at most its wall time, and
+    the matmul line sums exactly the matmul rows."""
+    wall, rows = bench.profile_steps(lambda i: torch.randn(64, 64) @ torch.randn(64, 64), 3, torch.device("cpu"))
+    names = [name for name, _ in rows]
+    assert "aten::mm" in names and "aten::randn" in names and 0 < sum(sec for _, sec in rows) <= wall, rows
+    assert bench.main([*TINY, f"--data={corpus}", "--max_iters=2", "--profile"]) == 0
+    out = capsys.readouterr().out
+    listed = [line for line in out.splitlines() if line.startswith("  ") and " ms " in line]
+    shares = [float(line.split(" ms ")[1].split(" %")[0]) for line in listed]
+    matmul = float(out.split("matmuls (")[1].split("): ")[1].split(" ms")[0])
+    mm_rows = sum(float(line.split(" ms")[0]) for line in listed if line.split("%  ")[1] in bench.MATMUL_OPS)
+    assert len(listed) == 13 and 0 < sum(shares) <= 101 and shares[:12] == sorted(shares[:12], reverse=True), out
+    assert 0 < mm_rows <= matmul + 0.1, out      # rows past the top 12 may hold more matmul time
+    assert bench.main([*TINY, f"--data={corpus}", "--profil"]) == 1     # a typo is still an unknown key
