@@ -40,7 +40,7 @@ import finetune
 from data2vec import Data2Vec, EMATeacher, TargetConfig, collapse_stat
 from encoders import TextEncoder
 from masking import bert_mask
-from train import PRESETS, Config, ConfigError, load_checkpoint, parse_overrides, train
+from train import PRESETS, Config, ConfigError, load_checkpoint, parse_overrides, split_help, train, usage
 from transformer import TransformerConfig
 
 TINY = dict(PRESETS["vision"]["small"], modality="vision", max_iters=200, batch_size=32, log_interval=10,
@@ -218,7 +218,11 @@ def topic_run(seed: int, iters: int = TOPIC_ITERS, lr: float = 2e-3, **overrides
 
 def main(argv: list[str]) -> int:
     try:
+        asked, argv = split_help(argv)
         ac = AblationConfig(**parse_overrides(AblationConfig, argv))
+        if asked:
+            print(usage(__doc__, ac))
+            return 0
         names = ac.settings.split(",")
         unknown = [n for n in names if n not in SETTINGS]
         if unknown:

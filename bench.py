@@ -22,10 +22,12 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from data2vec import Data2Vec, EMATeacher
+from data2vec import Data2Vec, EMATeacher, TargetConfig
 from mlm import MaskedLM
 from text_data import DataError
-from train import TASKS, ConfigError, device_batch, forward_backward, parse_args, setup_system
+from train import (TASKS, ConfigError, device_batch, forward_backward, parse_args, setup_system, split_help,
+                   usage)
+from transformer import TransformerConfig
 
 # Dense bf16 tensor-core peak FLOP/s by device name (vendor data sheets; SXM parts unless named)
 GPU_PEAK = {
@@ -113,7 +115,11 @@ def main(argv: list[str]) -> int:
     profiling = "--profile" in argv
     argv = [a for a in argv if a != "--profile"]
     try:
+        asked, argv = split_help(argv)
         cfg = parse_args(["--max_iters=10", *argv])
+        if asked:
+            print(usage(__doc__, cfg, also=(TransformerConfig, TargetConfig)))
+            return 0
         _, _, device, dtype = setup_system(cfg)
         task = TASKS[cfg.modality](cfg, prepare=True)
         torch.manual_seed(cfg.seed)

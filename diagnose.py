@@ -62,7 +62,8 @@ from data2vec import Data2Vec, EMATeacher
 from encoders import TextEncoder
 from finetune import mean_pool, ppmi_vectors
 from text_data import DataError
-from train import TASKS, CheckpointError, Config, ConfigError, load_checkpoint, load_state, parse_overrides
+from train import (TASKS, CheckpointError, Config, ConfigError, load_checkpoint, load_state, parse_overrides,
+                   split_help, usage)
 
 
 @dataclass
@@ -264,7 +265,11 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
 
 def main(argv: list[str]) -> int:
     try:
+        asked, argv = split_help(argv)
         dc = DiagnoseConfig(**parse_overrides(DiagnoseConfig, argv))
+        if asked:
+            print(usage(__doc__, dc))
+            return 0
         result = diagnose(dc)
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -44,7 +44,7 @@ from masking import span_mask
 from speech_data import SAMPLE_RATE, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ROOT, TASKS, Config, CheckpointError, ConfigError, PRESETS, load_checkpoint, load_state, lr_at,
-                   parse_overrides, save_checkpoint, setup_system, speech_model, text_data_dir)
+                   parse_overrides, save_checkpoint, setup_system, speech_model, split_help, text_data_dir, usage)
 from transformer import Transformer
 
 
@@ -602,6 +602,10 @@ def parse_config(argv: list[str]) -> FinetuneConfig:
 
 def main(argv: list[str]) -> int:
     try:
+        asked, argv = split_help(argv)
+        if asked:
+            print(usage(__doc__, parse_config(argv)))
+            return 0
         run(parse_config(argv))
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -23,7 +23,8 @@ import torch
 import finetune
 from finetune import FinetuneConfig
 from text_data import DataError
-from train import PRESETS, CheckpointError, Config, ConfigError, load_checkpoint, parse_overrides, train
+from train import (PRESETS, CheckpointError, Config, ConfigError, load_checkpoint, parse_overrides, split_help, train,
+                   usage)
 
 
 @dataclass
@@ -170,7 +171,11 @@ def plot(summaries: dict[str, dict], path: Path) -> None:
 
 def main(argv: list[str]) -> int:
     try:
+        asked, argv = split_help(argv)
         rc = ResultsConfig(**parse_overrides(ResultsConfig, argv))
+        if asked:
+            print(usage(__doc__, rc))
+            return 0
         modalities = list(DOWNSTREAM) if rc.modality == "all" else [rc.modality]
         if rc.modality != "all" and rc.modality not in DOWNSTREAM:
             raise ConfigError(f"unknown modality {rc.modality!r}: choose text, vision, speech or all")

@@ -8,9 +8,11 @@ Several machines: torchrun's usual --nnodes/--node_rank/--master_addr/--master_p
 
 Settings: a dataclass Config below; a modality preset (`--preset=small|base|large`) applies first, then
 `--key=value` overrides, each type-checked against the field. `--resume` continues the run in --out_dir exactly.
+`--help` lists every setting with the value it takes (`python train.py --modality=speech --help`: speech's preset).
 """
 
 import difflib
+import inspect
 import math
 import os
 import sys
@@ -235,10 +237,57 @@ def parse_overrides(cls: type, argv: list[str]) -> dict:
         key, _, value = arg[2:].partition("=")
         if key not in types:
             close = difflib.get_close_matches(key, types, n=1)
-            hint = f"; did you mean --{close[0]}?" if close else f"; the settings are the fields of {cls.__name__}"
+            hint = f"; did you mean --{close[0]}?" if close else "; --help lists the settings"
             raise ConfigError(f"unknown setting --{key}{hint}")
         overrides[key] = parse_value(types[key], key, value)
     return overrides
+
+
+def split_help(argv: list[str]) -> tuple[bool, list[str]]:
+    """Whether -h or --help is among the arguments, and the other arguments."""
+    rest = [a for a in argv if a not in ("-h", "--help")]
+    return len(rest) < len(argv), rest
+
+
+def field_comments(cls: type) -> tuple[dict[str, str], dict[str, str]]:
+    """The comments beside (and under) each field of a dataclass in its source, and the section comments above
+    fields: ({field: comment}, {first field of a section: its title})."""
+    comments: dict[str, str] = {}
+    sections: dict[str, str] = {}
+    last, title = None, None
+    source = inspect.getsource(cls).splitlines()
+    body = next(i for i, line in enumerate(source) if line.startswith("class ")) + 1
+    for line in source[body:]:
+        code, _, comment = line.partition("#")
+        indent, comment = len(code) - len(code.lstrip()), comment.strip()
+        if ":" in code and indent == 4 and not code.strip().startswith("def "):  # a field, maybe with its comment
+            last = code.split(":")[0].strip()
+            comments[last] = comment
+            if title:
+                sections[last], title = title, None
+        elif comment and indent > 4 and last:                               # the comment goes on under its field
+            comments[last] += " " + comment
+        elif comment:                                                       # a section title
+            title, last = comment, None
+    return comments, sections
+
+
+def usage(doc: str, config: object, also: tuple[type, ...] = ()) -> str:
+    """A script's help: its docstring, then each setting of the dataclass instance config with the value it takes
+    here (preset and overrides applied) and the comment beside its field in the source, under the source's section
+    comments. A field without a comment takes the one of the same field in a dataclass of `also`."""
+    comments, sections = field_comments(type(config))
+    for cls in also:
+        for name, comment in field_comments(cls)[0].items():
+            comments[name] = comments.get(name) or comment
+    lines = [doc.strip(), "", "Settings (--key=value), with the values they take here:"]
+    for f in fields(config):
+        if f.name in sections:
+            lines.append(f"{sections[f.name]}:")
+        value = getattr(config, f.name)
+        value = str(value).lower() if isinstance(value, bool) else value
+        lines.append(f"{f'  --{f.name}={value}':32} {comments.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> Config:
@@ -806,6 +855,10 @@ def gather_rng_states(world: int) -> list[dict[str, torch.Tensor]]:
 
 def main(argv: list[str]) -> int:
     try:
+        asked, argv = split_help(argv)
+        if asked:
+            print(usage(__doc__, parse_args(argv), also=(TransformerConfig, TargetConfig)))
+            return 0
         train(parse_args(argv))
         if dist.is_initialized():
             # no rank tears gloo down while another still uses it (a rank exiting early aborts the other:

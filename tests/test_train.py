@@ -1,10 +1,13 @@
 """train.py: config parsing, schedules, exact resume, gradient accumulation, DDP, and the errors a user can cause."""
 
 import os
+import inspect
+import io
 import subprocess
 import sys
 import tarfile
-from dataclasses import asdict
+import tokenize
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ import bench
 import train
 from data2vec import EMATeacher
 from train import Config, forward_backward, lr_at, parse_args, text_data_dir
+from transformer import TransformerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--block_size=32", "--batch_size=4",
@@ -58,6 +62,7 @@ def test_preset_then_overrides():
 
 @pytest.mark.parametrize("argv, message", [
     (["--n_layers=3"], "did you mean --n_layer?"),
+    (["--verbosity=3"], "--help lists the settings"),
     (["--n_layer=three"], "--n_layer takes an int"),
     (["--compile=maybe"], "--compile takes true or false"),
     (["--modality=smell"], "unknown modality"),
@@ -83,6 +88,45 @@ def test_preset_then_overrides():
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
     assert code == 1 and message in err and "Traceback" not in err
+
+
+def inline_comments(cls: type) -> dict[str, str]:
+    """The comment on each field's own line of a dataclass's source, read with Python's tokenizer."""
+    source = inspect.getsource(cls)
+    lines = source.splitlines()
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        code = lines[tok.start[0] - 1][:tok.start[1]].strip()
+        if ":" in code:
+            comments[code.split(":")[0]] = tok.string.lstrip("#").strip()
+    return comments
+
+
+def test_help_lists_every_setting_with_the_presets_value_and_its_comment(capsys):
+    assert train.main(["--modality=speech", "--lr=3e-4", "--help"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == train.__doc__.strip().splitlines()[0]
+    cfg = parse_args(["--modality=speech", "--lr=3e-4"])
+    comments = {**inline_comments(TransformerConfig), **inline_comments(Config)}
+    listed = [line for line in out if line.startswith("  --")]
+    assert len(listed) == len(fields(Config))
+    for f, line in zip(fields(Config), listed):
+        value = getattr(cfg, f.name)
+        assert line.split()[0] == f"--{f.name}={str(value).lower() if isinstance(value, bool) else value}", line
+        assert comments.get(f.name, "") in line, (f.name, line)
+    assert {"--conv_dim=64", "--lr=0.0003"} <= {line.split()[0] for line in listed}    # the preset, an override
+    assert any("a fairseq manifest .tsv" in line for line in listed if line.startswith("  --data="))  # its 2nd line
+    assert "targets and loss (data2vec.TargetConfig):" in out
+
+
+@pytest.mark.parametrize("script", ["bench", "finetune", "diagnose", "ablations", "results"])
+def test_every_script_takes_help(script, capsys):
+    module = __import__(script)
+    assert module.main(["-h"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(module.__doc__.strip().splitlines()[0]) and "Settings (--key=value)" in out, out[:500]
 
 
 def test_old_checkpoints_keep_bert_masking():
