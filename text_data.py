@@ -94,7 +94,8 @@ def _read_docs(source: Path | None, root: Path, files: list[Path]) -> dict[str, 
     docs = {str(f.relative_to(root)): _decode(f.read_bytes(), str(f)) for f in files}
     docs = {name: text for name, text in docs.items() if text.strip()}
     if not docs:
-        raise DataError(f"every .txt file in {source} is empty")
+        what = f"{source} is empty" if source.is_file() else f"every .txt file in {source} is empty"
+        raise DataError(f"{what}: pass a text with some words in it")
     return docs
 
 

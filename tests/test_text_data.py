@@ -177,8 +177,10 @@ def test_prepare_errors(tmp_path):
     with pytest.raises(DataError, match="no .txt files"):
         prepare_text(tmp_path / "empty", tmp_path / "out")
     (tmp_path / "empty" / "blank.txt").write_text(" \n")
-    with pytest.raises(DataError, match="empty"):
+    with pytest.raises(DataError, match="every .txt file in .* is empty"):
         prepare_text(tmp_path / "empty", tmp_path / "out")
+    with pytest.raises(DataError, match="blank.txt is empty: pass a text"):
+        prepare_text(tmp_path / "empty" / "blank.txt", tmp_path / "out")
     (tmp_path / "empty" / "blank.txt").write_text("h")
     with pytest.raises(DataError, match="too few"):
         prepare_text(tmp_path / "empty", tmp_path / "out", vocab_size=256, tokenizer="bpe")
