@@ -5,8 +5,8 @@
     python bench.py --modality=text --profile    # then where a step's time goes, by operation (torch.profiler)
 
 Settings are train.py's Config (same presets and --key=value overrides); --max_iters is the number of timed steps.
---profile (bench.py's own flag) profiles as many steps again, after the timing, and lists the operations that take
-the most time: on a CPU the ATen ops' own time, on a GPU the kernels'.
+--profile (bench.py's own flag) profiles as many steps again, after the timing, and lists the ATen ops that take the
+most time: on a CPU their own time, on a GPU the time of the kernels each launched itself.
 A step is what train.py does per optimizer update: student forward + backward, teacher forward, optimizer, EMA
 (without train.py's gradient clipping; --objective=mlm: no teacher forward, plus the scores over the vocabulary).
 MFU = (matmul FLOPs of the step) / time / peak. The peak comes from a lookup by GPU name (dense bf16/fp16 tensor
@@ -56,13 +56,13 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")   # a CPU's matmuls, by their own time
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 def profile_steps(step: Callable[[int], None], n: int, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
     """Run n steps under torch.profiler. Returns the profiled step's wall time (the profiler slows it) and
-    (name, seconds per step) for each operation, most time first: on a CPU each ATen op's self time, on a GPU each
-    kernel's time (the ops that launch them would count it twice)."""
+    (op, seconds per step) for each ATen op, most time first: on a CPU its self time, on a GPU the time of the
+    kernels it launched itself (not through the ops it called, so no kernel counts twice)."""
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         t0 = time.perf_counter()
@@ -70,26 +70,24 @@ def profile_steps(step: Callable[[int], None], n: int, device: torch.device) -> 
             step(i)
         sync(device)
         wall = (time.perf_counter() - t0) / n
-    if cuda:
-        rows = [(e.key, e.self_device_time_total) for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    else:
-        rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    rows = [(e.key, e.self_device_time_total if cuda else e.self_cpu_time_total)
+            for e in prof.key_averages() if e.device_type == DeviceType.CPU]        # kernels are events of their own
     return wall, sorted(((name, us / 1e6 / n) for name, us in rows if us > 0), key=lambda r: -r[1])
 
 
 def print_profile(wall: float, rows: list[tuple[str, float]], flops: float, device: torch.device, top: int = 12) -> None:
-    what = "kernels" if device.type == "cuda" else "ATen ops (self time)"
-    print(f"profiled step {wall * 1e3:.1f} ms (torch.profiler's overhead included); the {top} {what} that take "
-          "the most time:")
+    what = "GPU time of the kernels each launched" if device.type == "cuda" else "own time"
+    print(f"profiled step {wall * 1e3:.1f} ms (torch.profiler's overhead included); the {top} ATen ops that take "
+          f"the most time ({what}):")
     for name, sec in rows[:top]:
         print(f"  {sec * 1e3:8.1f} ms {100 * sec / wall:5.1f} %  {name[:90]}")
     rest = sum(sec for _, sec in rows[top:])
     print(f"  {rest * 1e3:8.1f} ms {100 * rest / wall:5.1f} %  the other {len(rows[top:])}")
-    if device.type != "cuda":
-        mm = sum(sec for name, sec in rows if name in MATMUL_OPS)
+    mm = sum(sec for name, sec in rows if name in MATMUL_OPS)
+    if mm > 0:
         print(f"matmuls ({', '.join(MATMUL_OPS)}): {mm * 1e3:.1f} ms = {100 * mm / wall:.1f} % of the profiled step; "
-              f"the step's matmul FLOPs over this time: {flops / mm / 1e12:.3f} TFLOP/s (an upper bound: the "
-              "teacher's attention runs inside its SDPA kernel)")
+              f"the step's matmul FLOPs over this time: {flops / mm / 1e12:.3f} TFLOP/s (an upper bound: the sum "
+              "leaves out the attention that runs inside SDPA kernels)")
 
 
 def sync(device: torch.device) -> None:
