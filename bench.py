@@ -75,7 +75,8 @@ def profile_steps(step: Callable[[int], None], n: int, device: torch.device) -> 
     return wall, sorted(((name, us / 1e6 / n) for name, us in rows if us > 0), key=lambda r: -r[1])
 
 
-def print_profile(wall: float, rows: list[tuple[str, float]], flops: float, device: torch.device, top: int = 12) -> None:
+def print_profile(wall: float, rows: list[tuple[str, float]], flops: float, device: torch.device,
+                  top: int = 12) -> None:
     what = "GPU time of the kernels each launched" if device.type == "cuda" else "own time"
     print(f"profiled step {wall * 1e3:.1f} ms (torch.profiler's overhead included); the {top} ATen ops that take "
           f"the most time ({what}):")

@@ -188,6 +188,10 @@ def main(argv: list[str]) -> int:
     except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # pretraining saved the update it was in (train.py); a downstream run starts again
+        print("interrupted: the same command continues where this one stopped", file=sys.stderr)
+        return 130
     # the table and plot cover every modality finished so far, also from earlier invocations
     summaries = {m: s for m in DOWNSTREAM if (s := read_json(Path(rc.out_dir) / m / "summary.json")) is not None}
     out = Path(rc.out_dir)

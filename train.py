@@ -9,15 +9,19 @@ Several machines: torchrun's usual --nnodes/--node_rank/--master_addr/--master_p
 Settings: a dataclass Config below; a modality preset (`--preset=small|base|large`) applies first, then
 `--key=value` overrides, each type-checked against the field. `--resume` continues the run in --out_dir exactly.
 `--help` lists every setting with the value it takes (`python train.py --modality=speech --help`: speech's preset).
+Ctrl-C or SIGTERM saves the update in progress and stops; `--resume` continues from it.
 """
 
 import difflib
 import inspect
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TypeVar
@@ -564,6 +568,49 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_process(flag: bool) -> bool:
+    """Whether the flag is set in any process: every process gets the same answer."""
+    if not dist.is_initialized():
+        return flag
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return all_reduce(torch.tensor([float(flag)], device=device)).item() > 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training after a whole update, whose checkpoint is saved."""
+
+
+@contextmanager
+def stop_requests(announce: bool) -> Iterator[Callable[[], bool]]:
+    """While the training loop runs, the first Ctrl-C (SIGINT) or SIGTERM (a scheduler preempting the job, torchrun
+    stopping its workers) asks it to stop after the update in progress and save it; a second Ctrl-C quits at once.
+    Yields a function that says whether a stop was asked for; announce: say so on stderr when asked. Signals reach
+    only the main thread, so elsewhere nothing is installed."""
+    asked_at = None
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal asked_at
+        if asked_at is None:
+            asked_at = time.monotonic()
+            if announce:        # os.write: a print here could land inside the print the signal interrupted
+                os.write(2, f"{signal.Signals(signum).name}: stopping after this update to save it (Ctrl-C again to "
+                            "quit at once)\n".encode())
+        elif signum == signal.SIGINT and time.monotonic() - asked_at > 1.0:
+            # within a second it is the same Ctrl-C again: the terminal sends it to the whole process group, and
+            # torchrun forwards it to its workers as well
+            raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: asked_at is not None
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 # -----------------------------------------------------------------------------
 # checkpoints
 
@@ -777,53 +824,61 @@ def train(cfg: Config) -> Path:
     t_start, t_last, last_step = time.time(), time.time(), step
     seconds_before = ckpt.get("seconds", 0.0) if ckpt is not None else 0.0     # the run's time before this resume
     batches = draw(step)
-    while step < cfg.max_iters:
-        if step % cfg.eval_interval == 0:
-            t_last += held_out()
+    with stop_requests(announce=master) as stop_requested:
+        while step < cfg.max_iters:
+            if step % cfg.eval_interval == 0:
+                t_last += held_out()
 
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, n_masked, preds, targets = forward_backward(model, teacher, batches, world, scaler, autocast)
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        teacher.update(raw_model.student, step)
-        if step < cfg.max_iters:
-            batches = draw(step)        # on the CPU while the device still works through this step's queue
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, n_masked, preds, targets = forward_backward(model, teacher, batches, world, scaler, autocast)
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            teacher.update(raw_model.student, step)
+            if step < cfg.max_iters:
+                batches = draw(step)        # on the CPU while the device still works through this step's queue
 
-        loss_value = (loss_sum / n_masked).item()
-        if not math.isfinite(loss_value):
-            kept = f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
-            if n_masked.item() == 0:
-                raise ConfigError(f"update {step} masked no step: stopping; {kept}. To mask some: {NO_MASK_FIX}")
-            raise FloatingPointError(f"the loss is {loss_value} at step {step}: stopping; {kept}. "
-                                     f"Lower --lr (now {cfg.lr:g}) or check the data")
-        if step % cfg.log_interval == 0 or step == cfg.max_iters:
-            target_var = collapse_stat(torch.cat(targets))
-            pred_var = collapse_stat(torch.cat(preds))
-            history["step"].append(step)
-            history["loss"].append(loss_value)
-            history["target_var"].append(target_var)
-            history["pred_var"].append(pred_var)
-            now = time.time()
-            dt = (now - t_last) / max(1, step - last_step)
-            t_last, last_step = now, step
-            say(f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | target_var {target_var:.3f} | "
-                f"pred_var {pred_var:.3f} | tau {teacher.tau(step):.4f} | lr {lr:.2e} | "
-                f"{tokens_per_step / dt:,.0f} tok/s | eta {format_eta(dt * (cfg.max_iters - step))}")
-        if step % cfg.ckpt_interval == 0 or step == cfg.max_iters:
-            t0 = time.time()
-            if step == cfg.max_iters:
-                held_out()
-            st = state()
-            if master:
-                save_checkpoint(ckpt_path, st)
-            t_last += time.time() - t0
+            loss_value = (loss_sum / n_masked).item()
+            if not math.isfinite(loss_value):
+                kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else
+                        "no checkpoint was written")
+                if n_masked.item() == 0:
+                    raise ConfigError(f"update {step} masked no step: stopping; {kept}. To mask some: {NO_MASK_FIX}")
+                raise FloatingPointError(f"the loss is {loss_value} at step {step}: stopping; {kept}. "
+                                         f"Lower --lr (now {cfg.lr:g}) or check the data")
+            if step % cfg.log_interval == 0 or step == cfg.max_iters:
+                target_var = collapse_stat(torch.cat(targets))
+                pred_var = collapse_stat(torch.cat(preds))
+                history["step"].append(step)
+                history["loss"].append(loss_value)
+                history["target_var"].append(target_var)
+                history["pred_var"].append(pred_var)
+                now = time.time()
+                dt = (now - t_last) / max(1, step - last_step)
+                t_last, last_step = now, step
+                say(f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | target_var {target_var:.3f} | "
+                    f"pred_var {pred_var:.3f} | tau {teacher.tau(step):.4f} | lr {lr:.2e} | "
+                    f"{tokens_per_step / dt:,.0f} tok/s | eta {format_eta(dt * (cfg.max_iters - step))}")
+            stop = step < cfg.max_iters and any_process(stop_requested())     # Ctrl-C or SIGTERM: save, then stop
+            if step % cfg.ckpt_interval == 0 or step == cfg.max_iters or stop:
+                t0 = time.time()
+                if step == cfg.max_iters:
+                    held_out()
+                st = state()
+                if master:
+                    save_checkpoint(ckpt_path, st)
+                t_last += time.time() - t0
+            if stop:
+                if master:
+                    plot_history(history, out_dir / "loss.png")
+                raise Interrupted(f"stopped at step {step}/{cfg.max_iters}; checkpoint: {ckpt_path}. The same command "
+                                  "with --resume continues exactly")
 
     if master:
         plot_history(history, out_dir / "loss.png")
@@ -867,6 +922,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130                              # the shell's code for a run stopped by Ctrl-C
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

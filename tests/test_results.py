@@ -1,6 +1,8 @@
 """results.py: per-seed units, resume from what is finished, the table and the plot."""
 
 import json
+import os
+import signal
 
 import pytest
 
@@ -49,6 +51,22 @@ def test_unfinished_pretraining_resumes(tiny, tmp_path):
     assert tiny[-1].resume
     assert train.load_checkpoint(out / "pretrain" / "ckpt.pt")["step"] == 3
     assert result["min_target_var"] > 0
+
+
+def test_ctrl_c_in_pretraining_keeps_the_update_and_the_same_command_resumes(tiny, tmp_path, monkeypatch, capsys):
+    lr_at = train.lr_at
+
+    def lr_with_ctrl_c(step: int, cfg: train.Config) -> float:
+        if step == 1 and not cfg.resume:
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, cfg)
+
+    monkeypatch.setattr(train, "lr_at", lr_with_ctrl_c)
+    args = ["--modality=vision", "--seeds=1", f"--out_dir={tmp_path}"]
+    assert results.main(args) == 130
+    assert "the same command continues" in capsys.readouterr().err
+    assert train.load_checkpoint(tmp_path / "vision" / "seed0" / "pretrain" / "ckpt.pt")["step"] == 2
+    assert results.main(args) == 0 and tiny[-1].resume
 
 
 def test_bad_arguments():

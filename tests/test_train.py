@@ -3,9 +3,11 @@
 import os
 import inspect
 import io
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import tokenize
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -211,6 +213,60 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, monkeypatch, 
     assert (tmp_path / "resumed" / "loss.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_the_update_in_progress_and_resume_continues_exactly(sig, corpus, tmp_path, monkeypatch, capfd):
+    """The signal arrives while update 6 is computed: the run finishes it, saves step 6 (not a checkpoint step) and
+    exits with 130; --resume then ends where the uninterrupted run does, to the bit."""
+    args = [*TINY, f"--data={corpus}", "--max_iters=8", "--ckpt_interval=4", "--eval_interval=4"]
+    assert run([*args, f"--out_dir={tmp_path / 'straight'}"])[0] == 0
+    lr_at = train.lr_at
+
+    def lr_with_a_signal(step: int, cfg: Config) -> float:
+        if step == 5 and not cfg.resume:
+            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), sig)           # the same Ctrl-C again: from the terminal and from torchrun
+        return lr_at(step, cfg)
+
+    monkeypatch.setattr(train, "lr_at", lr_with_a_signal)
+    before = signal.getsignal(sig)
+    code, err = run([*args, f"--out_dir={tmp_path / 'resumed'}"], capfd)
+    assert code == 130 and "interrupted: stopped at step 6/8" in err and "--resume" in err, err
+    assert err.count(f"{sig.name}: stopping after this update") == 1, err      # said at once, and once
+    assert signal.getsignal(sig) == before                  # the run's handler is gone
+    assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 6
+    assert run([*args, f"--out_dir={tmp_path / 'resumed'}", "--resume"])[0] == 0
+
+    a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
+    assert a["history"] == b["history"]
+    for part in ("model", "teacher"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    adam_a, adam_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(adam_a[i][k], adam_b[i][k]) for i in adam_a for k in adam_a[i])
+
+
+def test_a_second_ctrl_c_quits_at_once(corpus, tmp_path, monkeypatch):
+    """A second Ctrl-C a second after the first: no waiting for the update, and the last good checkpoint (step 4)
+    stays as it was."""
+    args = [*TINY, f"--data={corpus}", "--max_iters=8", "--ckpt_interval=4", f"--out_dir={tmp_path}"]
+    lr_at = train.lr_at
+
+    def lr_with_two_signals(step: int, cfg: Config) -> float:
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.1)
+            os.kill(os.getpid(), signal.SIGINT)
+        return lr_at(step, cfg)
+
+    monkeypatch.setattr(train, "lr_at", lr_with_two_signals)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt) as info:
+        run(args)
+    assert type(info.value) is KeyboardInterrupt            # not Interrupted: nothing was saved
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 4
+    assert signal.getsignal(signal.SIGINT) == before
+
+
 # ---- errors a user can cause -----------------------------------------------------------------------------------
 
 def test_missing_and_empty_data(tmp_path, capsys):
@@ -303,6 +359,43 @@ def test_ddp_bad_data_stops_every_process_with_its_message(tmp_path):
     proc = torchrun([*TINY, f"--data={tmp_path / 'nope.txt'}", f"--out_dir={tmp_path / 'o'}"])
     assert proc.returncode != 0
     assert proc.stderr.count("error: text source") == 2 and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields_after_name = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields_after_name[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_ddp_a_signal_to_one_process_stops_both_at_the_same_update(corpus, tmp_path):
+    """SIGTERM to one worker only (a scheduler preempting one node): the other learns of it through the per-update
+    all-reduce, both stop after the same update, and the checkpoint holds that update."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+           *TINY, f"--data={corpus}", "--max_iters=100000", f"--out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:                          # rank 0 logs every update (TINY: --log_interval=1)
+            if line.startswith("step 3/"):
+                break
+        workers = children(proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    stopped = [line for line in err.splitlines() if "interrupted: stopped at step" in line]
+    assert len(stopped) == 2 and stopped[0].split("interrupted: ")[1] == stopped[1].split("interrupted: ")[1], err[-3000:]
+    step = int(stopped[0].split("stopped at step ")[1].split("/")[0])
+    assert step > 3 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
 
 
 def test_bench_times_the_training_step(corpus, capsys):
