@@ -397,20 +397,28 @@ def probe(model: Probed, fc: FinetuneConfig, x_train: torch.Tensor, y_train: tor
           y_test: torch.Tensor, autocast: torch.autocast, view: View) -> float:
     """Linear probe: features of the frozen encoder, computed once, standardised, then a logistic regression."""
     model.eval()
+    t0 = time.time()
     with torch.no_grad(), autocast:
         f_train = torch.cat([model.features(view(x_train[i:i + 64], None)).float() for i in range(0, len(x_train), 64)])
         f_test = torch.cat([model.features(view(x_test[i:i + 64], None)).float() for i in range(0, len(x_test), 64)])
+    print(f"features of {len(f_train) + len(f_test)} examples, {f_train.shape[1]} each, in {time.time() - t0:.0f}s")
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6                 # (D,), f_train: (N, D)
     f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
     linear = nn.Linear(f_train.shape[1], int(y_train.max()) + 1).to(f_train.device)
     opt = torch.optim.AdamW(linear.parameters(), lr=fc.probe_lr, weight_decay=fc.weight_decay)
     g = torch.Generator().manual_seed(fc.seed)
+    t0 = time.time()
     for epoch in range(fc.probe_epochs):
+        total = 0.0
         for idx in torch.randperm(len(f_train), generator=g).split(fc.batch_size * 8):
             loss = F.cross_entropy(linear(f_train[idx]), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
+            total += loss.item() * len(idx)
+        if (epoch + 1) % max(1, fc.probe_epochs // 4) == 0 or epoch + 1 == fc.probe_epochs:
+            print(f"probe epoch {epoch + 1}/{fc.probe_epochs} | train loss {total / len(f_train):.4f} | "
+                  f"{time.time() - t0:.0f}s")
     return accuracy(linear, f_test, y_test, 1024)
 
 

@@ -36,12 +36,15 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("mode", ["probe", "finetune"])
-def test_modes_report_accuracy(pretrained, mode):
+def test_modes_report_accuracy(pretrained, mode, capsys):
     ckpt, tmp = pretrained
     args = [f"--init_from={ckpt}", f"--mode={mode}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}",
             "--max_len=32", "--epochs=1", "--probe_epochs=5"]
     result = finetune.run(finetune.FinetuneConfig(**train.parse_overrides(finetune.FinetuneConfig, args)))
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n_test"] > 50
+    progress = {"probe": ["features of", "probe epoch 5/5"], "finetune": ["epoch 1/1 | train loss"]}[mode]
+    out = capsys.readouterr().out
+    assert all(line in out for line in progress), out          # long work says how far it is
 
 
 def test_bad_input(pretrained, tmp_path, capsys):
