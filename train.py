@@ -925,6 +925,9 @@ def main(argv: list[str]) -> int:
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return 130                              # the shell's code for a run stopped by Ctrl-C
+    except KeyboardInterrupt:
+        print("interrupted: quit at once; the last checkpoint, if any, is kept", file=sys.stderr)
+        return 130
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
