@@ -398,15 +398,32 @@ def prepare_speech(
     return stats
 
 
-if __name__ == "__main__":
+USAGE = ("usage: python speech_data.py [OUT_DIR]                    the espeak-ng corpus (data/speech)\n"
+         "       python speech_data.py SPLIT_DIR OUT_DIR SPLIT_NAME  manifests for a LibriSpeech split, "
+         "e.g. LibriSpeech/dev-clean data/librispeech dev_clean")
+
+
+def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):
+        print(f"{__doc__.strip()}\n\n{USAGE}")
+        return 0
+    flags = [a for a in argv if a.startswith("-")]
+    if flags:                                         # not a folder: this script takes no flags
+        print(f"error: {flags[0]} is not an argument of this script\n{USAGE}", file=sys.stderr)
+        return 2
     try:
-        if len(sys.argv) == 4:
-            print(librispeech_manifest(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]))
-        elif len(sys.argv) <= 2:
-            prepare_speech(*(Path(a) for a in sys.argv[1:2]))
+        if len(argv) == 3:
+            print(librispeech_manifest(Path(argv[0]), Path(argv[1]), argv[2]))
+        elif len(argv) <= 1:
+            prepare_speech(*(Path(a) for a in argv))
         else:
-            sys.exit("usage: python speech_data.py [OUT_DIR]                    the espeak-ng corpus (data/speech)\n"
-                     "       python speech_data.py SPLIT_DIR OUT_DIR SPLIT_NAME  manifests for a LibriSpeech split, "
-                     "e.g. LibriSpeech/dev-clean data/librispeech dev_clean")
+            print(USAGE, file=sys.stderr)
+            return 2
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -183,3 +183,12 @@ def test_tiny_espeak_corpus(tmp_path: Path):
     assert not (tmp_path / "speech.tmp").exists()
     data = SpeechData(tmp_path / "speech" / "train.tsv", max_samples=16000 * 20, targets=True)
     assert len(data) == 2 and data.lengths.min() > 16000 // 2                 # 3+ words last over half a second
+
+
+def test_command_line_help_and_bad_arguments(tmp_path, monkeypatch, capsys):
+    """--help explains; a flag or the wrong number of arguments gets the usage; none of them builds a corpus."""
+    monkeypatch.chdir(tmp_path)
+    assert speech_data.main(["--help"]) == 0 and "usage: python speech_data.py" in capsys.readouterr().out
+    assert speech_data.main(["--out=x"]) == 2 and "--out=x is not an argument" in capsys.readouterr().err
+    assert speech_data.main(["a", "b"]) == 2 and "usage:" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
