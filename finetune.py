@@ -398,10 +398,11 @@ def probe(model: Probed, fc: FinetuneConfig, x_train: torch.Tensor, y_train: tor
     """Linear probe: features of the frozen encoder, computed once, standardised, then a logistic regression."""
     model.eval()
     t0 = time.time()
+    print(f"features of {len(x_train) + len(x_test)} examples from the frozen encoder ...", end="", flush=True)
     with torch.no_grad(), autocast:
         f_train = torch.cat([model.features(view(x_train[i:i + 64], None)).float() for i in range(0, len(x_train), 64)])
         f_test = torch.cat([model.features(view(x_test[i:i + 64], None)).float() for i in range(0, len(x_test), 64)])
-    print(f"features of {len(f_train) + len(f_test)} examples, {f_train.shape[1]} each, in {time.time() - t0:.0f}s")
+    print(f" {f_train.shape[1]} each, in {time.time() - t0:.0f}s")
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6                 # (D,), f_train: (N, D)
     f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
     linear = nn.Linear(f_train.shape[1], int(y_train.max()) + 1).to(f_train.device)

@@ -42,7 +42,8 @@ def test_modes_report_accuracy(pretrained, mode, capsys):
             "--max_len=32", "--epochs=1", "--probe_epochs=5"]
     result = finetune.run(finetune.FinetuneConfig(**train.parse_overrides(finetune.FinetuneConfig, args)))
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n_test"] > 50
-    progress = {"probe": ["features of", "probe epoch 5/5"], "finetune": ["epoch 1/1 | train loss"]}[mode]
+    progress = {"probe": ["examples from the frozen encoder ... 32 each, in", "probe epoch 5/5"],
+                "finetune": ["epoch 1/1 | train loss"]}[mode]
     out = capsys.readouterr().out
     assert all(line in out for line in progress), out          # long work says how far it is
 
