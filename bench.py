@@ -114,6 +114,8 @@ def main(argv: list[str]) -> int:
     profiling = "--profile" in argv
     argv = [a for a in argv if a != "--profile"]
     try:
+        if any(a.startswith("--profile=") for a in argv):
+            raise ConfigError("--profile takes no value: pass --profile to list where the step's time goes")
         asked, argv = split_help(argv)
         cfg = parse_args(["--max_iters=10", *argv])
         if asked:

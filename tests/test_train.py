@@ -420,3 +420,5 @@ def test_bench_profile_lists_where_the_step_goes(corpus, capsys):
     assert len(listed) == 13 and 0 < sum(shares) <= 101 and shares[:12] == sorted(shares[:12], reverse=True), out
     assert 0 < mm_rows <= matmul + 0.1, out      # rows past the top 12 may hold more matmul time
     assert bench.main([*TINY, f"--data={corpus}", "--profil"]) == 1     # a typo is still an unknown key
+    assert bench.main([*TINY, f"--data={corpus}", "--profile=5"]) == 1
+    assert "--profile takes no value" in capsys.readouterr().err
