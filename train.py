@@ -256,6 +256,7 @@ def split_help(argv: list[str]) -> tuple[bool, list[str]]:
 def field_comments(cls: type) -> tuple[dict[str, str], dict[str, str]]:
     """The comments beside (and under) each field of a dataclass in its source, and the section comments above
     fields: ({field: comment}, {first field of a section: its title})."""
+    names = {f.name for f in fields(cls)}
     comments: dict[str, str] = {}
     sections: dict[str, str] = {}
     last, title = None, None
@@ -264,11 +265,13 @@ def field_comments(cls: type) -> tuple[dict[str, str], dict[str, str]]:
     for line in source[body:]:
         code, _, comment = line.partition("#")
         indent, comment = len(code) - len(code.lstrip()), comment.strip()
-        if ":" in code and indent == 4 and not code.strip().startswith("def "):  # a field, maybe with its comment
+        if indent == 4 and code.split(":")[0].strip() in names:            # a field, maybe with its comment
             last = code.split(":")[0].strip()
             comments[last] = comment
             if title:
                 sections[last], title = title, None
+        elif code.strip():                                                  # other code (a method): no field's
+            last = None
         elif comment and indent > 4 and last:                               # the comment goes on under its field
             comments[last] += " " + comment
         elif comment:                                                       # a section title
