@@ -394,7 +394,8 @@ def test_ddp_a_signal_to_one_process_stops_both_at_the_same_update(corpus, tmp_p
     stopped = [line for line in err.splitlines() if "interrupted: stopped at step" in line]
     assert len(stopped) == 2 and stopped[0].split("interrupted: ")[1] == stopped[1].split("interrupted: ")[1], err[-3000:]
     step = int(stopped[0].split("stopped at step ")[1].split("/")[0])
-    assert step > 3 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
+    # step 3 when the signal beats rank 1's check after update 3, which rank 0 has just logged
+    assert step >= 3 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
 
 
 def test_bench_times_the_training_step(corpus, capsys):
