@@ -410,15 +410,15 @@ def probe(model: Probed, fc: FinetuneConfig, x_train: torch.Tensor, y_train: tor
     g = torch.Generator().manual_seed(fc.seed)
     t0 = time.time()
     for epoch in range(fc.probe_epochs):
-        total = 0.0
+        total = torch.zeros((), device=f_train.device)               # summed on the device, read when printed
         for idx in torch.randperm(len(f_train), generator=g).split(fc.batch_size * 8):
             loss = F.cross_entropy(linear(f_train[idx]), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)
         if (epoch + 1) % max(1, fc.probe_epochs // 4) == 0 or epoch + 1 == fc.probe_epochs:
-            print(f"probe epoch {epoch + 1}/{fc.probe_epochs} | train loss {total / len(f_train):.4f} | "
+            print(f"probe epoch {epoch + 1}/{fc.probe_epochs} | train loss {total.item() / len(f_train):.4f} | "
                   f"{time.time() - t0:.0f}s")
     return accuracy(linear, f_test, y_test, 1024)
 
@@ -467,7 +467,7 @@ def finetune(model: Classifier, fc: FinetuneConfig, x_train: torch.Tensor, y_tra
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
+            total += loss.detach() * len(idx)
         model.eval()
         acc = accuracy(predict, x_test, y_test, 128)
         print(f"epoch {epoch + 1}/{fc.epochs} | train loss {total / len(x_train):.4f} | test accuracy {acc:.4f} | "

@@ -571,11 +571,10 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_process(flag: bool) -> bool:
+def any_process(flag: bool, device: torch.device) -> bool:
     """Whether the flag is set in any process: every process gets the same answer."""
     if not dist.is_initialized():
         return flag
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     return all_reduce(torch.tensor([float(flag)], device=device)).item() > 0
 
 
@@ -827,6 +826,7 @@ def train(cfg: Config) -> Path:
     t_start, t_last, last_step = time.time(), time.time(), step
     seconds_before = ckpt.get("seconds", 0.0) if ckpt is not None else 0.0     # the run's time before this resume
     batches = draw(step)
+    stop = False
     with stop_requests(announce=master) as stop_requested:
         while step < cfg.max_iters:
             if step % cfg.eval_interval == 0:
@@ -868,7 +868,7 @@ def train(cfg: Config) -> Path:
                 say(f"step {step}/{cfg.max_iters} | loss {loss_value:.4f} | target_var {target_var:.3f} | "
                     f"pred_var {pred_var:.3f} | tau {teacher.tau(step):.4f} | lr {lr:.2e} | "
                     f"{tokens_per_step / dt:,.0f} tok/s | eta {format_eta(dt * (cfg.max_iters - step))}")
-            stop = step < cfg.max_iters and any_process(stop_requested())     # Ctrl-C or SIGTERM: save, then stop
+            stop = step < cfg.max_iters and any_process(stop_requested(), device)  # Ctrl-C or SIGTERM: save, stop
             if step % cfg.ckpt_interval == 0 or step == cfg.max_iters or stop:
                 t0 = time.time()
                 if step == cfg.max_iters:
@@ -878,14 +878,14 @@ def train(cfg: Config) -> Path:
                     save_checkpoint(ckpt_path, st)
                 t_last += time.time() - t0
             if stop:
-                if master:
-                    plot_history(history, out_dir / "loss.png")
-                raise Interrupted(f"stopped at step {step}/{cfg.max_iters}; checkpoint: {ckpt_path}. The same command "
-                                  "with --resume continues exactly")
+                break
 
     if master:
         plot_history(history, out_dir / "loss.png")
-        say(f"done in {format_eta(time.time() - t_start)}; checkpoint: {ckpt_path} (loss curve: {out_dir / 'loss.png'})")
+    if stop:
+        raise Interrupted(f"stopped at step {step}/{cfg.max_iters}; checkpoint: {ckpt_path}. The same command with "
+                          "--resume continues exactly")
+    say(f"done in {format_eta(time.time() - t_start)}; checkpoint: {ckpt_path} (loss curve: {out_dir / 'loss.png'})")
     return ckpt_path
 
 
