@@ -12,6 +12,9 @@
     python finetune.py --modality=speech --init_from=out-speech/ckpt.pt --budget_minutes=10     # 10 min of labels
     python finetune.py --modality=speech --init_from=facebook/data2vec-audio-base --save=out-ctc/ctc.pt  # official
 
+Fine-tuning saves its state every --ckpt_interval updates and when Ctrl-C or SIGTERM stops it (in --out_dir,
+out-finetune-<modality> by default); the same command with --resume continues exactly. The probe keeps nothing.
+
 --init_from also takes an official checkpoint (a Hugging Face save_pretrained folder, or a hub name when online):
 hf.py converts it into the same modules, so it fine-tunes exactly like one of ours (text: with its own tokenizer).
 
@@ -43,8 +46,9 @@ from data2vec import Data2Vec
 from masking import span_mask
 from speech_data import SAMPLE_RATE, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
-from train import (ROOT, TASKS, Config, CheckpointError, ConfigError, PRESETS, load_checkpoint, load_state, lr_at,
-                   parse_overrides, save_checkpoint, setup_system, speech_model, split_help, text_data_dir, usage)
+from train import (ROOT, TASKS, Config, CheckpointError, ConfigError, Interrupted, PRESETS, load_checkpoint, load_state,
+                   lr_at, parse_overrides, rng_state, save_checkpoint, set_rng_state, setup_system, speech_model,
+                   split_help, stop_requests, text_data_dir, usage)
 from transformer import Transformer
 
 
@@ -82,6 +86,12 @@ class FinetuneConfig:
     freeze: float = 0.0         # fraction of the updates that train only the CTC head, the pretrained body frozen
                                 # (fairseq's freeze_finetune_updates: 10k of 13k updates for 10 min of labels)
     save: str = ""              # speech: write the fine-tuned CTC model here (transcribe.py reads it); '' = don't
+    # stopping and resuming (fine-tuning; the probe keeps nothing: most of its time goes into features it recomputes)
+    out_dir: str = ""           # state.pt here every ckpt_interval updates and on Ctrl-C or SIGTERM, deleted when the
+                                # run ends; '' = out-finetune-<modality>
+    ckpt_interval: int = 200
+    resume: bool = False        # continue the stopped fine-tuning run in out_dir, exactly
+    # the run
     log_interval: int = 50
     device: str = "auto"
     dtype: str = "auto"
@@ -256,6 +266,65 @@ def init_student(fc: FinetuneConfig, build: Callable[[], nn.Module],
     return body.encoder, body.transformer
 
 
+class RunFile:
+    """A fine-tuning run's state on disk (--out_dir/state.pt): saved every --ckpt_interval updates, at the last one
+    and when Ctrl-C or SIGTERM stops the run; read back by --resume; deleted once the run has reported its result."""
+
+    FREE = ("out_dir", "ckpt_interval", "resume", "log_interval", "device", "save")    # may differ on --resume
+
+    def __init__(self, fc: FinetuneConfig):
+        self.fc = fc
+        self.path = Path(fc.out_dir or f"out-finetune-{fc.modality}") / "state.pt"
+        self.saved = None
+        if not fc.resume:
+            if self.path.exists():
+                raise ConfigError(f"{self.path} holds the state of a fine-tuning run that did not end (stopped, or "
+                                  "still running in another process): pass --resume to continue a stopped one, or "
+                                  "choose another --out_dir, or delete it")
+            return
+        if not self.path.exists():
+            raise CheckpointError(f"--resume: no stopped fine-tuning run in {self.path.parent} (no state.pt): run "
+                                  "without --resume, or point --out_dir at the stopped run's folder")
+        self.saved = load_checkpoint(self.path, "delete it to start afresh, or point --out_dir at another run")
+        now, then = asdict(fc), self.saved["config"]
+        diff = [f"{k}={then.get(k)!r} (now {v!r})" for k, v in now.items() if k not in self.FREE and then.get(k) != v]
+        if diff:
+            raise CheckpointError(f"{self.path} was fine-tuned with other settings: {', '.join(diff)}. Resume with "
+                                  "the same settings, or start a new run in another --out_dir")
+
+    def restore(self, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                generator: torch.Generator) -> dict:
+        """Put the saved weights, optimiser, schedule and random streams in place. -> the loop's own fields, {} when
+        the run starts afresh"""
+        if self.saved is None:
+            return {}
+        load_state(model, self.saved["model"], "fine-tuned model", self.path)
+        opt.load_state_dict(self.saved["optimizer"])
+        sched.load_state_dict(self.saved["schedule"])
+        set_rng_state(self.saved["rng"])                                # dropout
+        generator.set_state(self.saved["generator"])                    # data order, augmentation, masks
+        loop = self.saved["loop"]
+        print(f"resuming {self.path} at update {loop['step']}")
+        return loop
+
+    def save(self, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+             generator: torch.Generator, **loop: object) -> None:
+        """loop: what the training loop needs to go on from here (its step first)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.path, dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                                        schedule=sched.state_dict(), rng=rng_state(), generator=generator.get_state(),
+                                        loop=loop, config=asdict(self.fc)))
+
+    def stopped(self, step: int, steps: int) -> Interrupted:
+        return Interrupted(f"stopped at update {step}/{steps}; state: {self.path}. The same command with --resume "
+                           "continues exactly")
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+        if self.path.parent.exists() and not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
+
+
 def subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     """Indices of `fraction` of the examples of each class (at least one each), drawn with `seed`."""
     g = torch.Generator().manual_seed(seed)
@@ -298,6 +367,12 @@ def run(fc: FinetuneConfig) -> dict:
                           "text probe: pass --modality=text --mode=probe")
     if fc.probe_layer != -1 and fc.mode != "probe":
         raise ConfigError(f"--probe_layer={fc.probe_layer} chooses what the probe reads: pass --mode=probe")
+    if fc.resume and fc.mode != "finetune":
+        raise ConfigError("--resume continues a stopped fine-tuning run; the probe keeps no state: run it again "
+                          "without --resume")
+    if fc.ckpt_interval < 1:
+        raise ConfigError(f"--ckpt_interval={fc.ckpt_interval}: save the state every 1 or more updates")
+    run_file = RunFile(fc) if fc.mode == "finetune" else None
     cfg, state = pretrained(fc)
     _, _, device, dtype = setup_system(Config(device=fc.device, dtype=fc.dtype))
     if dtype == torch.float16:
@@ -307,13 +382,13 @@ def run(fc: FinetuneConfig) -> dict:
         dtype = torch.float32
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     t0 = time.time()
-    result = RUNNERS[fc.modality](fc, cfg, state, device, autocast)
+    result = RUNNERS[fc.modality](fc, cfg, state, device, autocast, run_file)
     result.update(modality=fc.modality, mode=fc.mode, init_from=fc.init_from, seconds=time.time() - t0)
     return result
 
 
 def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device,
-             autocast: torch.autocast) -> dict:
+             autocast: torch.autocast, run_file: RunFile | None) -> dict:
     """Passage classification: default genre task, or --train / --test TSV files."""
     if hf.is_hf_source(fc.init_from):
         # an official checkpoint reads its own tokenizer's ids (RoBERTa's BPE); the default task's TSVs come from
@@ -350,7 +425,7 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
         reference = (BagOfTokens(n_normal) if fc.init_from == "bag" else
                      WordVectors(ppmi_vectors(task.data.data["train"], n_normal, cfg.dim)))
         return fit_and_test(reference, fc, (x_train, y_train), (x_test, y_test), autocast,
-                            view=lambda x, g: x.to(device), classes=classes, device=device)
+                            view=lambda x, g: x.to(device), classes=classes, device=device, run_file=None)
     encoder, transformer = init_student(fc, build, state)
     # fine-tuning: RoBERTa's head on <s>. The probe averages the tokens instead: data2vec regresses targets at masked
     # tokens only, so nothing trains <s>'s output to summarise the passage (measured on the genre task, 100 % of
@@ -358,11 +433,11 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
     pool = "mean" if fc.mode == "probe" else "first"
     model = Classifier(encoder, transformer, roberta_head(cfg.dim, len(classes), fc.dropout), pool, fc.probe_layer)
     return fit_and_test(model.to(device), fc, (x_train, y_train), (x_test, y_test), autocast,
-                        view=lambda x, g: x.to(device), classes=classes, device=device)
+                        view=lambda x, g: x.to(device), classes=classes, device=device, run_file=run_file)
 
 
 def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device,
-               autocast: torch.autocast) -> dict:
+               autocast: torch.autocast, run_file: RunFile | None) -> dict:
     """Image classification on the held-out split of the pretraining images (digits, or train.py's --data folder)."""
     if fc.train or fc.test:
         raise ConfigError("--train / --test are text TSV files; vision reads --data (or the pretraining run's --data)")
@@ -377,19 +452,25 @@ def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     model = Classifier(encoder, transformer, head, "mean", fc.probe_layer)
     # fine-tuning sees augmented training images (the generator given); the probe and the test, plain ones
     return fit_and_test(model.to(device), fc, (x_train, y_train), (data.images["test"], data.labels["test"]),
-                        autocast, view=lambda x, g: data.view(x, g).to(device), classes=data.class_names, device=device)
+                        autocast, view=lambda x, g: data.view(x, g).to(device), classes=data.class_names, device=device,
+                        run_file=run_file)
 
 
 def fit_and_test(model: Probed, fc: FinetuneConfig, train: tuple, test: tuple, autocast: torch.autocast, view: View,
-                 classes: list, device: torch.device) -> dict:
+                 classes: list, device: torch.device, run_file: RunFile | None) -> dict:
     """Probe or fine-tune on train = (inputs, labels), report top-1 accuracy on test. view(inputs, generator) turns
-    stored inputs into a model batch on the device (augmented when a generator is given)."""
+    stored inputs into a model batch on the device (augmented when a generator is given). run_file: fine-tuning's
+    state on disk (None for the probe)."""
     (x_train, y_train), (x_test, y_test) = train, test
     print(f"{fc.mode} on {len(x_train)} training / {len(x_test)} test examples, {len(classes)} classes "
           f"{classes[:10]}, encoder from {fc.init_from}")
-    fit = probe if fc.mode == "probe" else finetune
-    acc = fit(model, fc, x_train, y_train.to(device), x_test, y_test.to(device), autocast, view)
+    if run_file is None:
+        acc = probe(model, fc, x_train, y_train.to(device), x_test, y_test.to(device), autocast, view)
+    else:
+        acc = finetune(model, fc, x_train, y_train.to(device), x_test, y_test.to(device), autocast, view, run_file)
     print(f"test accuracy {acc:.4f} ({fc.mode}, init {fc.init_from}, {len(x_train)} labelled examples)")
+    if run_file is not None:
+        run_file.finish()
     return dict(accuracy=acc, n_train=len(x_train), n_test=len(x_test))
 
 
@@ -442,36 +523,51 @@ def layer_groups(model: Classifier, fc: FinetuneConfig) -> list[dict]:
 
 
 def finetune(model: Classifier, fc: FinetuneConfig, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
-             y_test: torch.Tensor, autocast: torch.autocast, view: View) -> float:
-    """All weights train: AdamW, linear warmup then linear decay, accuracy after each epoch."""
+             y_test: torch.Tensor, autocast: torch.autocast, view: View, run_file: RunFile) -> float:
+    """All weights train: AdamW, linear warmup then linear decay, accuracy after each epoch. Saves its state to
+    run_file (and stops when Ctrl-C or SIGTERM asks), and goes on from it when resumed."""
     opt = torch.optim.AdamW(layer_groups(model, fc), lr=fc.lr, weight_decay=fc.weight_decay, betas=(0.9, 0.98), eps=1e-6)
     steps = fc.epochs * math.ceil(len(x_train) / fc.batch_size)
     warm = max(1, int(fc.warmup * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
     g = torch.Generator().manual_seed(fc.seed)
+    loop = run_file.restore(model, opt, sched, g)
+    step, acc = loop.get("step", 0), 0.0
 
     def predict(x: torch.Tensor) -> torch.Tensor:
         with autocast:
             return model(view(x, None))
 
-    acc = 0.0
-    for epoch in range(fc.epochs):
-        model.train()
-        t0, total = time.time(), 0.0
-        for idx in torch.randperm(len(x_train), generator=g).split(fc.batch_size):
-            with autocast:
-                loss = F.cross_entropy(model(view(x_train[idx], g)).float(), y_train[idx],
-                                       label_smoothing=fc.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            total += loss.detach() * len(idx)
-        model.eval()
-        acc = accuracy(predict, x_test, y_test, 128)
-        print(f"epoch {epoch + 1}/{fc.epochs} | train loss {total / len(x_train):.4f} | test accuracy {acc:.4f} | "
-              f"{time.time() - t0:.0f}s")
+    with stop_requests(announce=True) as stop_requested:
+        for epoch in range(loop.get("epoch", 0), fc.epochs):
+            model.train()
+            t0 = time.time()
+            # a resumed epoch goes on with its own order from where it stopped
+            order, done, total = ((loop["order"], loop["done"], loop["total"]) if loop.get("epoch") == epoch else
+                                  (torch.randperm(len(x_train), generator=g), 0, 0.0))
+            batches = order.split(fc.batch_size)
+            for done in range(done + 1, len(batches) + 1):
+                idx = batches[done - 1]
+                with autocast:
+                    loss = F.cross_entropy(model(view(x_train[idx], g)).float(), y_train[idx],
+                                           label_smoothing=fc.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                total += loss.detach() * len(idx)
+                stop = step < steps and stop_requested()
+                if stop or step % fc.ckpt_interval == 0 or step == steps:
+                    run_file.save(model, opt, sched, g, step=step, epoch=epoch, order=order, done=done,
+                                  total=float(total))
+                if stop:
+                    raise run_file.stopped(step, steps)
+            model.eval()
+            acc = accuracy(predict, x_test, y_test, 128)
+            print(f"epoch {epoch + 1}/{fc.epochs} | train loss {total / len(x_train):.4f} | test accuracy {acc:.4f} | "
+                  f"{time.time() - t0:.0f}s")
     return acc
 
 
@@ -521,7 +617,7 @@ def transcribe(model: CTCModel, data: SpeechData, batch_size: int, device: torch
 
 
 def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device,
-               autocast: torch.autocast) -> dict:
+               autocast: torch.autocast, run_file: RunFile | None) -> dict:
     """CTC speech recognition (SPEC §3): default espeak-ng corpus (test voices never heard in training), or
     --train / --test manifests with `.ltr` transcripts. --budget_minutes limits the labelled training audio."""
     if fc.mode != "finetune":
@@ -556,29 +652,37 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     schedule = Config(max_iters=steps, lr=fc.lr, min_lr=0.05 * fc.lr, warmup=0.1, hold=0.4, schedule="tri")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, schedule) / fc.lr)
     g = torch.Generator().manual_seed(fc.seed)
-    t0, total, n = time.time(), 0.0, 0
-    for step in range(steps):
-        b = train_set.batch(fc.batch_size, g)
-        waves, padding_mask = speech_batch(b, device)
-        frames = model.encoder.frame_lengths(b.lengths)                                      # (B,)
-        T = int(model.encoder.frame_lengths(torch.tensor([waves.shape[1]])))
-        # masking stays on while fine-tuning (SPEC §3), with the pretraining span length
-        mask = span_mask(frames, T, prob=fc.mask_prob, span=cfg.mask_span, generator=g).to(device)  # (B, T)
-        with autocast:
-            logits, _ = model(waves, padding_mask, mask, frozen=step < frozen_steps)          # (B, T, V)
-        log_probs = logits.float().log_softmax(-1).transpose(0, 1)                           # (T, B, V)
-        loss = F.ctc_loss(log_probs, b.targets.to(device), frames.to(device), b.target_lengths.to(device),
-                          blank=BLANK, zero_infinity=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        total, n = total + loss.item(), n + 1
-        if (step + 1) % fc.log_interval == 0 or step + 1 == steps:
-            print(f"step {step + 1}/{steps} | ctc loss {total / n:.4f} | lr {lr_at(step, schedule):.2e} | "
-                  f"{time.time() - t0:.0f}s")
-            total, n = 0.0, 0
+    loop = run_file.restore(model, opt, sched, g)
+    # the loss sums since the last log line; the seconds count the run's earlier parts too
+    total, n, t0 = loop.get("total", 0.0), loop.get("n", 0), time.time() - loop.get("seconds", 0.0)
+    with stop_requests(announce=True) as stop_requested:
+        for step in range(loop.get("step", 0), steps):
+            b = train_set.batch(fc.batch_size, g)
+            waves, padding_mask = speech_batch(b, device)
+            frames = model.encoder.frame_lengths(b.lengths)                                      # (B,)
+            T = int(model.encoder.frame_lengths(torch.tensor([waves.shape[1]])))
+            # masking stays on while fine-tuning (SPEC §3), with the pretraining span length
+            mask = span_mask(frames, T, prob=fc.mask_prob, span=cfg.mask_span, generator=g).to(device)  # (B, T)
+            with autocast:
+                logits, _ = model(waves, padding_mask, mask, frozen=step < frozen_steps)          # (B, T, V)
+            log_probs = logits.float().log_softmax(-1).transpose(0, 1)                           # (T, B, V)
+            loss = F.ctc_loss(log_probs, b.targets.to(device), frames.to(device), b.target_lengths.to(device),
+                              blank=BLANK, zero_infinity=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            total, n = total + loss.item(), n + 1
+            if (step + 1) % fc.log_interval == 0 or step + 1 == steps:
+                print(f"step {step + 1}/{steps} | ctc loss {total / n:.4f} | lr {lr_at(step, schedule):.2e} | "
+                      f"{time.time() - t0:.0f}s")
+                total, n = 0.0, 0
+            stop = step + 1 < steps and stop_requested()
+            if stop or (step + 1) % fc.ckpt_interval == 0 or step + 1 == steps:
+                run_file.save(model, opt, sched, g, step=step + 1, total=total, n=n, seconds=time.time() - t0)
+            if stop:
+                raise run_file.stopped(step + 1, steps)
     char_err, word_err = transcribe(model, test_set, fc.batch_size, device, autocast)
     if fc.save:
         # what transcribe.py needs: the weights, the architecture and the letters the head's rows stand for
@@ -587,6 +691,7 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
         print(f"CTC checkpoint: {fc.save}")
     print(f"test CER {char_err:.4f} | WER {word_err:.4f} (init {fc.init_from}, {minutes:.1f} min of labelled audio, "
           f"{len(test_set)} utterances of held-out voices)")
+    run_file.finish()
     return dict(cer=char_err, wer=word_err, n_train=len(train_set), train_minutes=minutes, n_test=len(test_set))
 
 
@@ -619,6 +724,13 @@ def main(argv: list[str]) -> int:
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 130                              # the shell's code for a run stopped by Ctrl-C
+    except KeyboardInterrupt:
+        print("interrupted: quit at once; a fine-tuning run keeps its last saved state (--resume), a probe nothing",
+              file=sys.stderr)
+        return 130
     return 0
 
 

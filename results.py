@@ -7,7 +7,7 @@ table (mean and spread over seeds) and a PNG plot.
     python results.py --modality=text               # again: finished runs are read back, unfinished ones resume
 
 Every finished unit (one pretraining, one downstream run) leaves a JSON file under --out_dir, so a crash or Ctrl-C
-loses at most the unit that was running; pretraining resumes from its last checkpoint.
+loses at most the unit that was running; pretraining and fine-tuning resume from their last saved update.
 """
 
 import json
@@ -84,8 +84,10 @@ def downstream(modality: str, seed: int, out: Path, init_from: str, device: str)
     for i, (name, overrides, _, _) in enumerate(DOWNSTREAM[modality]):
         done = out / f"downstream{i}_{tag}.json"
         if (result := read_json(done)) is None:
+            state = out / f"downstream{i}_{tag}"                # a fine-tuning run's state while it runs
             fc = FinetuneConfig(**{**finetune.DEFAULTS.get(modality, {}), **overrides, "modality": modality,
-                                   "init_from": init_from, "seed": seed, "device": device})
+                                   "init_from": init_from, "seed": seed, "device": device, "out_dir": str(state),
+                                   "resume": (state / "state.pt").exists()})
             result = finetune.run(fc)
             write_json(done, result)
         results[name] = result
@@ -189,7 +191,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # pretraining saved the update it was in (train.py); a downstream run starts again
+        # pretraining and fine-tuning saved the update they were in; a probe starts again
         print("interrupted: the same command continues where this one stopped", file=sys.stderr)
         return 130
     # the table and plot cover every modality finished so far, also from earlier invocations

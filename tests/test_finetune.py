@@ -1,5 +1,7 @@
 """finetune.py on a tiny pretrained checkpoint: both modes run, report accuracy, and reject bad input clearly."""
 
+import os
+import signal
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -36,16 +38,102 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("mode", ["probe", "finetune"])
-def test_modes_report_accuracy(pretrained, mode, capsys):
+def test_modes_report_accuracy(pretrained, mode, tmp_path, capsys):
     ckpt, tmp = pretrained
     args = [f"--init_from={ckpt}", f"--mode={mode}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}",
-            "--max_len=32", "--epochs=1", "--probe_epochs=5"]
+            "--max_len=32", "--epochs=1", "--probe_epochs=5", f"--out_dir={tmp_path / 'ft'}"]
     result = finetune.run(finetune.FinetuneConfig(**train.parse_overrides(finetune.FinetuneConfig, args)))
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n_test"] > 50
     progress = {"probe": ["examples from the frozen encoder ... 32 each, in", "probe epoch 5/5"],
                 "finetune": ["epoch 1/1 | train loss"]}[mode]
     out = capsys.readouterr().out
     assert all(line in out for line in progress), out          # long work says how far it is
+    assert not (tmp_path / "ft").exists()                      # a finished run leaves no state behind
+
+
+def signal_at_update(monkeypatch: pytest.MonkeyPatch, update: int) -> None:
+    """Send SIGINT twice (the same Ctrl-C, from the terminal and a launcher) while update `update` is computed: its
+    gradient clipping is the signal."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, [0]
+
+    def clip_with_a_signal(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == update:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_a_signal)
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "end of epoch"])
+def test_ctrl_c_saves_fine_tuning_and_resume_ends_where_the_straight_run_does(pretrained, where, tmp_path,
+                                                                                monkeypatch, capfd):
+    """Two epochs; Ctrl-C during an update in the middle of epoch 1 or at its last batch: the run saves that update
+    and exits with 130, and --resume ends with the straight run's printed losses and test logits, to the bit."""
+    ckpt, tmp = pretrained
+    args = [f"--init_from={ckpt}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}", "--max_len=32",
+            "--epochs=2", "--batch_size=64", "--ckpt_interval=3"]
+    logits = []
+    score = finetune.accuracy
+
+    def accuracy_and_logits(predict, tokens, labels, batch_size):
+        logits.append(predict(tokens))                                  # (N, classes)
+        return score(predict, tokens, labels, batch_size)
+
+    monkeypatch.setattr(finetune, "accuracy", accuracy_and_logits)
+    assert finetune.main([*args, f"--out_dir={tmp_path / 'straight'}"]) == 0
+    straight, straight_out = logits[-1], capfd.readouterr().out
+    batches = -(-int(straight_out.split("finetune on ")[1].split(" training")[0]) // 64)     # per epoch
+    stop = 2 if where == "mid-epoch" else batches
+    signal_at_update(monkeypatch, stop)
+    out_dir = tmp_path / "resumed"
+    before = signal.getsignal(signal.SIGINT)
+    assert finetune.main([*args, f"--out_dir={out_dir}"]) == 130
+    err = capfd.readouterr().err
+    assert f"interrupted: stopped at update {stop}/{2 * batches}; state: {out_dir / 'state.pt'}" in err, err
+    assert err.count("SIGINT: stopping after this update") == 1, err
+    assert signal.getsignal(signal.SIGINT) == before                    # the run's handler is gone
+    assert torch.load(out_dir / "state.pt", weights_only=True)["loop"]["step"] == stop
+
+    assert finetune.main([*args, f"--out_dir={out_dir}", "--resume"]) == 0
+    resumed_out = capfd.readouterr().out
+    assert f"resuming {out_dir / 'state.pt'} at update {stop}" in resumed_out
+    assert torch.equal(logits[-1], straight)
+    epoch_lines = lambda out: [line.rsplit(" | ", 1)[0] for line in out.splitlines() if line.startswith("epoch ")]
+    assert epoch_lines(resumed_out) == epoch_lines(straight_out)[-len(epoch_lines(resumed_out)):]
+    assert len(epoch_lines(resumed_out)) == 2                           # the stopped epoch is reported once resumed
+    assert not out_dir.exists()                                         # the finished run deletes its state
+
+
+def test_fine_tuning_state_errors(pretrained, tmp_path, capsys):
+    """A stopped run's state is never overwritten by a fresh run; --resume needs one, with the same settings."""
+    ckpt, tmp = pretrained
+    out_dir = tmp_path / "ft"
+    args = [f"--init_from={ckpt}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}", "--max_len=32",
+            "--epochs=1", f"--out_dir={out_dir}"]
+    assert finetune.main([*args, "--resume"]) == 1
+    assert "no stopped fine-tuning run in" in capsys.readouterr().err
+    assert finetune.main([*args, "--mode=probe", "--resume"]) == 1
+    assert "the probe keeps no state" in capsys.readouterr().err
+    assert finetune.main([*args, "--ckpt_interval=0"]) == 1
+    assert "--ckpt_interval=0" in capsys.readouterr().err
+    out_dir.mkdir()
+    (out_dir / "state.pt").write_bytes(b"not a checkpoint")
+    assert finetune.main(args) == 1
+    assert "did not end" in capsys.readouterr().err and (out_dir / "state.pt").read_bytes() == b"not a checkpoint"
+    assert finetune.main([*args, "--resume"]) == 1
+    assert "corrupt" in (err := capsys.readouterr().err) and "delete it to start afresh" in err
+    (out_dir / "state.pt").unlink()
+    fc = finetune.FinetuneConfig(**train.parse_overrides(finetune.FinetuneConfig, args))
+    finetune.RunFile(fc).save(torch.nn.Linear(1, 1), *optimiser_and_schedule(), torch.Generator(), step=1)
+    assert finetune.main([*args, "--resume", "--lr=0.5"]) == 1
+    assert "other settings: lr=0.0001 (now 0.5)" in capsys.readouterr().err
+
+
+def optimiser_and_schedule() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    opt = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters())
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
 def test_bad_input(pretrained, tmp_path, capsys):

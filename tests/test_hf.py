@@ -290,7 +290,8 @@ def speech_manifest(tmp_path_factory) -> Path:
 def test_official_ctc_checkpoint_fine_tunes_then_transcribes(speech_manifest, tmp_path, capsys):
     folder, saved = tmp_path / "d2v-audio-960h", tmp_path / "ctc.pt"
     random_hf(AUDIO[0][0], **AUDIO[0][1]).save_pretrained(folder)
-    args = [f"--train={speech_manifest}", f"--test={speech_manifest}", "--epochs=1", "--batch_size=2"]
+    args = [f"--train={speech_manifest}", f"--test={speech_manifest}", "--epochs=1", "--batch_size=2",
+            f"--out_dir={tmp_path / 'ft'}"]
     assert finetune.main(["--modality=speech", f"--init_from={folder}", *args, f"--save={saved}"]) == 0
     assert "test CER" in capsys.readouterr().out
     wavs = sorted(speech_manifest.parent.glob("*.wav"))
@@ -327,7 +328,8 @@ def test_transcribe_agrees_with_the_official_model(speech_manifest, tmp_path):
 def test_official_vision_checkpoint_fine_tunes(tmp_path, capsys):
     folder = tmp_path / "d2v-vision"
     random_hf("Data2VecVisionModel", **{**VISION[0][1], "image_size": 32, "num_channels": 1}).save_pretrained(folder)
-    assert finetune.main(["--modality=vision", f"--init_from={folder}", "--label_fraction=0.02", "--epochs=1"]) == 0
+    assert finetune.main(["--modality=vision", f"--init_from={folder}", "--label_fraction=0.02", "--epochs=1",
+                          f"--out_dir={tmp_path / 'ft'}"]) == 0
     assert "test accuracy" in capsys.readouterr().out
 
 
@@ -347,7 +349,7 @@ def test_official_text_checkpoint_fine_tunes_with_its_tokenizer(tmp_path, capsys
         rows = [f"{line}\t{'hamlet' if i % 2 == 0 else 'other'}" for i, line in enumerate(lines * 3)]
         (tmp_path / f"{split}.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     args = [f"--train={tmp_path / 'train.tsv'}", f"--test={tmp_path / 'test.tsv'}", "--max_len=16", "--epochs=1",
-            "--batch_size=4"]
+            "--batch_size=4", f"--out_dir={tmp_path / 'ft'}"]
     assert finetune.main(["--modality=text", f"--init_from={folder}", *args]) == 0
     assert "test accuracy" in capsys.readouterr().out
     (folder / "tokenizer.json").unlink()

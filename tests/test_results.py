@@ -5,9 +5,11 @@ import os
 import signal
 
 import pytest
+import torch
 
 import results
 import train
+from tests.test_finetune import signal_at_update
 
 TINY = dict(n_layer=1, dim=32, n_head=2, ffn_dim=64, top_k=1, img_size=16, patch_size=4, batch_size=8, max_iters=3,
             eval_iters=1, log_interval=1, eval_interval=100, ckpt_interval=100)
@@ -67,6 +69,19 @@ def test_ctrl_c_in_pretraining_keeps_the_update_and_the_same_command_resumes(tin
     assert "the same command continues" in capsys.readouterr().err
     assert train.load_checkpoint(tmp_path / "vision" / "seed0" / "pretrain" / "ckpt.pt")["step"] == 2
     assert results.main(args) == 0 and tiny[-1].resume
+
+
+def test_ctrl_c_in_fine_tuning_keeps_the_update_and_the_same_command_resumes(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "vision" / "seed0"
+    results.pretrain("vision", 0, out, "cpu")
+    signal_at_update(monkeypatch, 2)            # the first update that clips: the pretrained encoder's fine-tuning
+    args = ["--modality=vision", "--seeds=1", f"--out_dir={tmp_path}"]
+    assert results.main(args) == 130
+    assert "the same command continues" in capsys.readouterr().err
+    state = out / "downstream1_pretrained" / "state.pt"
+    assert torch.load(state, weights_only=True)["loop"]["step"] == 2
+    assert results.main(args) == 0
+    assert f"resuming {state} at update 2" in capsys.readouterr().out and not state.parent.exists()
 
 
 def test_bad_arguments():

@@ -13,6 +13,7 @@ import train
 from ctc import text_to_ltr
 from encoders import ConvFeatureExtractor, SpeechEncoder, conv_output_lengths
 from speech_data import write_manifest
+from tests.test_finetune import signal_at_update
 
 KERNELS, STRIDES = ConvFeatureExtractor.KERNELS, ConvFeatureExtractor.STRIDES
 TINY = ["--modality=speech", "--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--top_k=2", "--conv_dim=16",
@@ -134,8 +135,40 @@ def test_tiny_pretraining_then_ctc_finetuning(speech_corpus, tmp_path, capsys):
     valid = speech_corpus.with_name("valid.tsv")
     args = ["--modality=speech", f"--train={speech_corpus}", f"--test={valid}", "--epochs=2", "--batch_size=2"]
     for init in (out / "ckpt.pt", "random"):
-        assert finetune.main([*args, f"--init_from={init}", *(["--preset=small"] if init == "random" else [])]) == 0
+        assert finetune.main([*args, f"--init_from={init}", f"--out_dir={tmp_path / 'ft'}",
+                              *(["--preset=small"] if init == "random" else [])]) == 0
         assert "test CER" in capsys.readouterr().out
+    assert not (tmp_path / "ft").exists()                      # a finished run leaves no state behind
+
+
+def test_ctrl_c_saves_ctc_fine_tuning_and_resume_ends_where_the_straight_run_does(speech_corpus, tmp_path,
+                                                                                    monkeypatch, capfd):
+    """8 updates; Ctrl-C during update 3: the run saves it and exits with 130, and --resume ends with the straight
+    run's weights, to the bit, and its printed losses (their sums since the last line are part of the state)."""
+    assert train.main([*TINY, f"--data={speech_corpus}", "--max_iters=1", f"--out_dir={tmp_path / 'pre'}"]) == 0
+    args = ["--modality=speech", f"--init_from={tmp_path / 'pre' / 'ckpt.pt'}", f"--train={speech_corpus}",
+            f"--test={speech_corpus.with_name('valid.tsv')}", "--epochs=2", "--batch_size=2", "--ckpt_interval=2",
+            "--log_interval=4"]
+    weights = []
+    transcribe = finetune.transcribe
+
+    def transcribe_and_keep_the_weights(model, *rest):
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        return transcribe(model, *rest)
+
+    monkeypatch.setattr(finetune, "transcribe", transcribe_and_keep_the_weights)
+    assert finetune.main([*args, f"--out_dir={tmp_path / 'straight'}"]) == 0
+    straight_out = capfd.readouterr().out
+    signal_at_update(monkeypatch, 3)
+    out_dir = tmp_path / "resumed"
+    assert finetune.main([*args, f"--out_dir={out_dir}"]) == 130
+    assert "interrupted: stopped at update 3/8" in capfd.readouterr().err
+    assert finetune.main([*args, f"--out_dir={out_dir}", "--resume"]) == 0
+    resumed_out = capfd.readouterr().out
+    assert all(torch.equal(weights[0][k], weights[-1][k]) for k in weights[0])
+    losses = lambda out: [line.split(" | lr")[0] for line in out.splitlines() if "| ctc loss" in line]
+    assert losses(resumed_out) == losses(straight_out) and len(losses(straight_out)) == 2
+    assert not out_dir.exists()
 
 
 def test_finetuning_trains_all_but_the_conv_feature_encoder(speech_corpus):

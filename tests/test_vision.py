@@ -108,7 +108,7 @@ def test_tiny_pretraining_then_probe_and_finetune(tmp_path, capsys):
     assert "encoder.cls_token" in ckpt["model"] and "encoder.projection.weight" in ckpt["model"]
     for mode in ("probe", "finetune"):
         args = ["--modality=vision", f"--init_from={out / 'ckpt.pt'}", f"--mode={mode}", "--epochs=1",
-                "--probe_epochs=2", "--label_fraction=0.1"]
+                "--probe_epochs=2", "--label_fraction=0.1", f"--out_dir={tmp_path / 'ft'}"]
         assert finetune.main(args) == 0
         assert "test accuracy" in capsys.readouterr().out
 
