@@ -92,7 +92,7 @@ class FinetuneConfig:
     ckpt_interval: int = 200
     resume: bool = False        # continue the stopped fine-tuning run in out_dir, exactly
     # the run
-    log_interval: int = 50
+    log_interval: int = 50      # fine-tuning: a progress line every this many updates
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
@@ -558,6 +558,9 @@ def finetune(model: Classifier, fc: FinetuneConfig, x_train: torch.Tensor, y_tra
                 sched.step()
                 step += 1
                 total += loss.detach() * len(idx)
+                if step % fc.log_interval == 0 and done < len(batches):
+                    print(f"update {step}/{steps} | train loss {total.item() / (done * fc.batch_size):.4f} so far "
+                          f"this epoch | lr {max(sched.get_last_lr()):.2e} | {time.time() - t0:.0f}s")
                 stop = step < steps and stop_requested()
                 if stop or step % fc.ckpt_interval == 0 or step == steps:
                     run_file.save(model, opt, sched, g, step=step, epoch=epoch, order=order, done=done,

@@ -41,11 +41,11 @@ def pretrained(tmp_path_factory) -> tuple[Path, Path]:
 def test_modes_report_accuracy(pretrained, mode, tmp_path, capsys):
     ckpt, tmp = pretrained
     args = [f"--init_from={ckpt}", f"--mode={mode}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}",
-            "--max_len=32", "--epochs=1", "--probe_epochs=5", f"--out_dir={tmp_path / 'ft'}"]
+            "--max_len=32", "--epochs=1", "--probe_epochs=5", f"--out_dir={tmp_path / 'ft'}", "--log_interval=2"]
     result = finetune.run(finetune.FinetuneConfig(**train.parse_overrides(finetune.FinetuneConfig, args)))
     assert 0.0 <= result["accuracy"] <= 1.0 and result["n_test"] > 50
     progress = {"probe": ["examples from the frozen encoder ... 32 each, in", "probe epoch 5/5"],
-                "finetune": ["epoch 1/1 | train loss"]}[mode]
+                "finetune": ["update 2/", "update 4/", "so far this epoch | lr", "epoch 1/1 | train loss"]}[mode]
     out = capsys.readouterr().out
     assert all(line in out for line in progress), out          # long work says how far it is
     assert not (tmp_path / "ft").exists()                      # a finished run leaves no state behind
