@@ -543,10 +543,10 @@ def finetune(model: Classifier, fc: FinetuneConfig, x_train: torch.Tensor, y_tra
             model.train()
             t0 = time.time()
             # a resumed epoch goes on with its own order from where it stopped
-            order, done, total = ((loop["order"], loop["done"], loop["total"]) if loop.get("epoch") == epoch else
-                                  (torch.randperm(len(x_train), generator=g), 0, 0.0))
+            order, start, total = ((loop["order"], loop["done"], loop["total"]) if loop.get("epoch") == epoch else
+                                   (torch.randperm(len(x_train), generator=g), 0, 0.0))
             batches = order.split(fc.batch_size)
-            for done in range(done + 1, len(batches) + 1):
+            for done in range(start + 1, len(batches) + 1):                # done: batches of this epoch trained
                 idx = batches[done - 1]
                 with autocast:
                     loss = F.cross_entropy(model(view(x_train[idx], g)).float(), y_train[idx],
