@@ -9,6 +9,7 @@ import train
 from data2vec import Data2Vec, EMATeacher, TargetConfig, build_targets
 from encoders import PatchEncoder
 from masking import block_mask
+from tests.test_finetune import signal_at_update
 from transformer import TransformerConfig
 
 TINY = ["--modality=vision", "--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--top_k=1", "--img_size=16",
@@ -111,6 +112,24 @@ def test_tiny_pretraining_then_probe_and_finetune(tmp_path, capsys):
                 "--probe_epochs=2", "--label_fraction=0.1", f"--out_dir={tmp_path / 'ft'}"]
         assert finetune.main(args) == 0
         assert "test accuracy" in capsys.readouterr().out
+
+
+def test_ctrl_c_mid_fine_tuning_then_resume_ends_where_the_straight_run_does(tmp_path, monkeypatch, capfd):
+    """Vision fine-tuning draws its augmentations from the run's generator: a resumed run must continue that stream.
+    Ctrl-C during update 4 of 18; --resume ends with the straight run's test logits, to the bit."""
+    assert train.main([*TINY, "--max_iters=1", f"--out_dir={tmp_path / 'pre'}"]) == 0
+    args = ["--modality=vision", f"--init_from={tmp_path / 'pre' / 'ckpt.pt'}", "--epochs=2", "--batch_size=16",
+            "--label_fraction=0.1"]
+    logits = []
+    score = finetune.accuracy
+    monkeypatch.setattr(finetune, "accuracy",
+                        lambda predict, x, y, batch: logits.append(predict(x)) or score(predict, x, y, batch))
+    assert finetune.main([*args, f"--out_dir={tmp_path / 'straight'}"]) == 0
+    signal_at_update(monkeypatch, 4)
+    assert finetune.main([*args, f"--out_dir={tmp_path / 'resumed'}"]) == 130
+    assert "stopped at update 4/18" in capfd.readouterr().err
+    assert finetune.main([*args, f"--out_dir={tmp_path / 'resumed'}", "--resume"]) == 0
+    assert len(logits) == 4 and torch.equal(logits[3], logits[1])   # straight epochs 1, 2; resumed epochs 1, 2
 
 
 def test_bad_image_folders(tmp_path, capsys):
