@@ -276,6 +276,7 @@ class RunFile:
         self.fc = fc
         self.path = Path(fc.out_dir or f"out-finetune-{fc.modality}") / "state.pt"
         self.saved = None
+        self.last_step = None                   # the update of the state on disk
         if not fc.resume:
             if self.path.exists():
                 raise ConfigError(f"{self.path} holds the state of a fine-tuning run that did not end (stopped, or "
@@ -304,6 +305,7 @@ class RunFile:
         set_rng_state(self.saved["rng"])                                # dropout
         generator.set_state(self.saved["generator"])                    # data order, augmentation, masks
         loop = self.saved["loop"]
+        self.last_step = loop["step"]
         print(f"resuming {self.path} at update {loop['step']}")
         return loop
 
@@ -314,10 +316,17 @@ class RunFile:
         save_checkpoint(self.path, dict(model=model.state_dict(), optimizer=opt.state_dict(),
                                         schedule=sched.state_dict(), rng=rng_state(), generator=generator.get_state(),
                                         loop=loop, config=asdict(self.fc)))
+        self.last_step = loop["step"]
 
     def stopped(self, step: int, steps: int) -> Interrupted:
         return Interrupted(f"stopped at update {step}/{steps}; state: {self.path}. The same command with --resume "
                            "continues exactly")
+
+    def diverged(self, loss: float, step: int) -> FloatingPointError:
+        kept = (f"the last good state {self.path} (update {self.last_step}) is kept" if self.last_step is not None
+                else "no state was saved")
+        return FloatingPointError(f"the fine-tuning loss is {loss} by update {step}: stopping; {kept}. Lower --lr "
+                                  f"(now {self.fc.lr:g}) or check the data")
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -558,13 +567,18 @@ def finetune(model: Classifier, fc: FinetuneConfig, x_train: torch.Tensor, y_tra
                 sched.step()
                 step += 1
                 total += loss.detach() * len(idx)
-                if step % fc.log_interval == 0 and done < len(batches):
-                    print(f"update {step}/{steps} | train loss {total.item() / (done * fc.batch_size):.4f} so far "
-                          f"this epoch | lr {max(sched.get_last_lr()):.2e} | {time.time() - t0:.0f}s")
                 stop = step < steps and stop_requested()
-                if stop or step % fc.ckpt_interval == 0 or step == steps:
-                    run_file.save(model, opt, sched, g, step=step, epoch=epoch, order=order, done=done,
-                                  total=float(total))
+                logged = step % fc.log_interval == 0 and done < len(batches)
+                saved = stop or step % fc.ckpt_interval == 0 or step == steps
+                if logged or saved or done == len(batches):     # the loss is read only here: no sync per update
+                    loss_sum = float(total)
+                    if not math.isfinite(loss_sum):
+                        raise run_file.diverged(loss_sum, step)
+                if logged:
+                    print(f"update {step}/{steps} | train loss {loss_sum / (done * fc.batch_size):.4f} so far this "
+                          f"epoch | lr {max(sched.get_last_lr()):.2e} | {time.time() - t0:.0f}s")
+                if saved:
+                    run_file.save(model, opt, sched, g, step=step, epoch=epoch, order=order, done=done, total=loss_sum)
                 if stop:
                     raise run_file.stopped(step, steps)
             model.eval()
@@ -676,7 +690,9 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total, n = total + loss.item(), n + 1
+            if not math.isfinite(loss_value := loss.item()):
+                raise run_file.diverged(loss_value, step + 1)
+            total, n = total + loss_value, n + 1
             if (step + 1) % fc.log_interval == 0 or step + 1 == steps:
                 print(f"step {step + 1}/{steps} | ctc loss {total / n:.4f} | lr {lr_at(step, schedule):.2e} | "
                       f"{time.time() - t0:.0f}s")
@@ -724,7 +740,7 @@ def main(argv: list[str]) -> int:
             print(usage(__doc__, parse_config(argv)))
             return 0
         run(parse_config(argv))
-    except (ConfigError, CheckpointError, DataError) as e:
+    except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

@@ -131,6 +131,32 @@ def test_fine_tuning_state_errors(pretrained, tmp_path, capsys):
     assert "other settings: lr=0.0001 (now 0.5)" in capsys.readouterr().err
 
 
+def nan_loss_from_call(monkeypatch: pytest.MonkeyPatch, fn: str, call: int) -> None:
+    """torch.nn.functional.<fn> returns NaN from its call `call` on, as a diverged run's loss would."""
+    loss_fn, calls = getattr(torch.nn.functional, fn), [0]
+
+    def nan_later(*args, **kwargs):
+        calls[0] += 1
+        return loss_fn(*args, **kwargs) * (float("nan") if calls[0] >= call else 1.0)
+
+    monkeypatch.setattr(torch.nn.functional, fn, nan_later)
+
+
+def test_a_non_finite_loss_stops_fine_tuning_and_keeps_the_last_good_state(pretrained, tmp_path, monkeypatch, capsys):
+    """The loss turns NaN at update 4; it is read (no sync per update) at the next save, update 6, which it must not
+    overwrite the update-3 state with."""
+    ckpt, tmp = pretrained
+    out_dir = tmp_path / "ft"
+    args = [f"--init_from={ckpt}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}", "--max_len=32",
+            "--epochs=1", "--batch_size=16", "--ckpt_interval=3", f"--out_dir={out_dir}"]
+    nan_loss_from_call(monkeypatch, "cross_entropy", 4)
+    assert finetune.main(args) == 1
+    err = capsys.readouterr().err
+    assert "the fine-tuning loss is nan by update 6: stopping" in err, err
+    assert f"the last good state {out_dir / 'state.pt'} (update 3) is kept. Lower --lr" in err
+    assert torch.load(out_dir / "state.pt", weights_only=True)["loop"]["step"] == 3
+
+
 def optimiser_and_schedule() -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     opt = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters())
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

@@ -13,7 +13,7 @@ import train
 from ctc import text_to_ltr
 from encoders import ConvFeatureExtractor, SpeechEncoder, conv_output_lengths
 from speech_data import write_manifest
-from tests.test_finetune import signal_at_update
+from tests.test_finetune import nan_loss_from_call, signal_at_update
 
 KERNELS, STRIDES = ConvFeatureExtractor.KERNELS, ConvFeatureExtractor.STRIDES
 TINY = ["--modality=speech", "--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--top_k=2", "--conv_dim=16",
@@ -169,6 +169,15 @@ def test_ctrl_c_saves_ctc_fine_tuning_and_resume_ends_where_the_straight_run_doe
     losses = lambda out: [line.split(" | lr")[0] for line in out.splitlines() if "| ctc loss" in line]
     assert losses(resumed_out) == losses(straight_out) and len(losses(straight_out)) == 2
     assert not out_dir.exists()
+
+
+def test_a_non_finite_ctc_loss_stops_at_once(speech_corpus, tmp_path, monkeypatch, capsys):
+    assert train.main([*TINY, f"--data={speech_corpus}", "--max_iters=1", f"--out_dir={tmp_path / 'pre'}"]) == 0
+    nan_loss_from_call(monkeypatch, "ctc_loss", 2)
+    args = ["--modality=speech", f"--init_from={tmp_path / 'pre' / 'ckpt.pt'}", f"--train={speech_corpus}",
+            f"--test={speech_corpus.with_name('valid.tsv')}", "--batch_size=2", f"--out_dir={tmp_path / 'ft'}"]
+    assert finetune.main(args) == 1
+    assert "the fine-tuning loss is nan by update 2: stopping; no state was saved" in capsys.readouterr().err
 
 
 def test_finetuning_trains_all_but_the_conv_feature_encoder(speech_corpus):
