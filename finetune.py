@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +46,9 @@ from data2vec import Data2Vec
 from masking import span_mask
 from speech_data import SAMPLE_RATE, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
-from train import (ROOT, TASKS, Config, CheckpointError, ConfigError, Interrupted, PRESETS, load_checkpoint, load_state,
-                   lr_at, parse_overrides, rng_state, save_checkpoint, set_rng_state, setup_system, speech_model,
-                   split_help, stop_requests, text_data_dir, usage)
+from train import (ROOT, TASKS, Config, CheckpointError, ConfigError, Interrupted, PRESETS, check_compatible,
+                   load_checkpoint, load_state, lr_at, parse_overrides, rng_state, save_checkpoint, set_rng_state,
+                   setup_system, speech_model, split_help, stop_requests, text_data_dir, usage)
 from transformer import Transformer
 
 
@@ -287,11 +287,7 @@ class RunFile:
             raise CheckpointError(f"--resume: no stopped fine-tuning run in {self.path.parent} (no state.pt): run "
                                   "without --resume, or point --out_dir at the stopped run's folder")
         self.saved = load_checkpoint(self.path, "delete it to start afresh, or point --out_dir at another run")
-        now, then = asdict(fc), self.saved["config"]
-        diff = [f"{k}={then.get(k)!r} (now {v!r})" for k, v in now.items() if k not in self.FREE and then.get(k) != v]
-        if diff:
-            raise CheckpointError(f"{self.path} was fine-tuned with other settings: {', '.join(diff)}. Resume with "
-                                  "the same settings, or start a new run in another --out_dir")
+        check_compatible(self.saved, fc, self.path, [f.name for f in fields(fc) if f.name not in self.FREE])
 
     def restore(self, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
                 generator: torch.Generator) -> dict:
@@ -473,7 +469,7 @@ def fit_and_test(model: Probed, fc: FinetuneConfig, train: tuple, test: tuple, a
     (x_train, y_train), (x_test, y_test) = train, test
     print(f"{fc.mode} on {len(x_train)} training / {len(x_test)} test examples, {len(classes)} classes "
           f"{classes[:10]}, encoder from {fc.init_from}")
-    if run_file is None:
+    if fc.mode == "probe":
         acc = probe(model, fc, x_train, y_train.to(device), x_test, y_test.to(device), autocast, view)
     else:
         acc = finetune(model, fc, x_train, y_train.to(device), x_test, y_test.to(device), autocast, view, run_file)

@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -642,11 +642,12 @@ def load_checkpoint(path: Path, fix: str | None = None) -> dict:
     return ckpt
 
 
-def check_compatible(ckpt: dict, cfg: Config, path: Path) -> None:
+def check_compatible(ckpt: dict, cfg: object, path: Path, keys: Sequence[str] = ARCH_FIELDS) -> None:
+    """The checkpoint's config agrees with cfg (a dataclass: train.py's Config, finetune.py's) on the fields `keys`."""
     saved = ckpt.get("config", {})
-    defaults = {f.name: f.default for f in fields(Config)}        # a field added since the checkpoint: its default
-    saved = {k: saved.get(k, defaults[k]) for k in ARCH_FIELDS}
-    diff = [f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in ARCH_FIELDS if saved[k] != getattr(cfg, k)]
+    defaults = {f.name: f.default for f in fields(cfg)}           # a field added since the checkpoint: its default
+    saved = {k: saved.get(k, defaults[k]) for k in keys}
+    diff = [f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in keys if saved[k] != getattr(cfg, k)]
     if diff:
         raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}. Resume with the same "
                               f"settings, or start a new run in another --out_dir")

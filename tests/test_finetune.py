@@ -66,6 +66,19 @@ def signal_at_update(monkeypatch: pytest.MonkeyPatch, update: int) -> None:
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_a_signal)
 
 
+def keep_test_logits(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """Each accuracy finetune.py computes also appends the model's logits on those inputs, (N, classes), to the list
+    returned."""
+    logits, score = [], finetune.accuracy
+
+    def accuracy_and_logits(predict, inputs, labels, batch_size):
+        logits.append(predict(inputs))
+        return score(predict, inputs, labels, batch_size)
+
+    monkeypatch.setattr(finetune, "accuracy", accuracy_and_logits)
+    return logits
+
+
 @pytest.mark.parametrize("where", ["mid-epoch", "end of epoch"])
 def test_ctrl_c_saves_fine_tuning_and_resume_ends_where_the_straight_run_does(pretrained, where, tmp_path,
                                                                                 monkeypatch, capfd):
@@ -74,14 +87,7 @@ def test_ctrl_c_saves_fine_tuning_and_resume_ends_where_the_straight_run_does(pr
     ckpt, tmp = pretrained
     args = [f"--init_from={ckpt}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}", "--max_len=32",
             "--epochs=2", "--batch_size=64", "--ckpt_interval=3"]
-    logits = []
-    score = finetune.accuracy
-
-    def accuracy_and_logits(predict, tokens, labels, batch_size):
-        logits.append(predict(tokens))                                  # (N, classes)
-        return score(predict, tokens, labels, batch_size)
-
-    monkeypatch.setattr(finetune, "accuracy", accuracy_and_logits)
+    logits = keep_test_logits(monkeypatch)
     assert finetune.main([*args, f"--out_dir={tmp_path / 'straight'}"]) == 0
     straight, straight_out = logits[-1], capfd.readouterr().out
     batches = -(-int(straight_out.split("finetune on ")[1].split(" training")[0]) // 64)     # per epoch

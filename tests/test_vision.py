@@ -9,7 +9,7 @@ import train
 from data2vec import Data2Vec, EMATeacher, TargetConfig, build_targets
 from encoders import PatchEncoder
 from masking import block_mask
-from tests.test_finetune import signal_at_update
+from tests.test_finetune import keep_test_logits, signal_at_update
 from transformer import TransformerConfig
 
 TINY = ["--modality=vision", "--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--top_k=1", "--img_size=16",
@@ -120,10 +120,7 @@ def test_ctrl_c_mid_fine_tuning_then_resume_ends_where_the_straight_run_does(tmp
     assert train.main([*TINY, "--max_iters=1", f"--out_dir={tmp_path / 'pre'}"]) == 0
     args = ["--modality=vision", f"--init_from={tmp_path / 'pre' / 'ckpt.pt'}", "--epochs=2", "--batch_size=16",
             "--label_fraction=0.1"]
-    logits = []
-    score = finetune.accuracy
-    monkeypatch.setattr(finetune, "accuracy",
-                        lambda predict, x, y, batch: logits.append(predict(x)) or score(predict, x, y, batch))
+    logits = keep_test_logits(monkeypatch)
     assert finetune.main([*args, f"--out_dir={tmp_path / 'straight'}"]) == 0
     signal_at_update(monkeypatch, 4)
     assert finetune.main([*args, f"--out_dir={tmp_path / 'resumed'}"]) == 130
