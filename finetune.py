@@ -31,7 +31,8 @@ Shakespeare corpus, tested on voices never heard in training; --train / --test r
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -47,8 +48,8 @@ from masking import span_mask
 from speech_data import SAMPLE_RATE, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ROOT, TASKS, Config, CheckpointError, ConfigError, Interrupted, PRESETS, check_compatible,
-                   load_checkpoint, load_state, lr_at, parse_overrides, rng_state, save_checkpoint, set_rng_state,
-                   setup_system, speech_model, split_help, stop_requests, text_data_dir, usage)
+                   hold_dir, load_checkpoint, load_state, lr_at, make_dir, parse_overrides, rng_state, save_checkpoint,
+                   set_rng_state, setup_system, speech_model, split_help, stop_requests, text_data_dir, usage)
 from transformer import Transformer
 
 
@@ -274,7 +275,7 @@ class RunFile:
 
     def __init__(self, fc: FinetuneConfig):
         self.fc = fc
-        self.path = Path(fc.out_dir or f"out-finetune-{fc.modality}") / "state.pt"
+        self.path = state_dir(fc) / "state.pt"
         self.saved = None
         self.last_step = None                   # the update of the state on disk
         if not fc.resume:
@@ -326,8 +327,26 @@ class RunFile:
 
     def finish(self) -> None:
         self.path.unlink(missing_ok=True)
-        if self.path.parent.exists() and not any(self.path.parent.iterdir()):
-            self.path.parent.rmdir()
+
+
+def state_dir(fc: FinetuneConfig) -> Path:
+    return Path(fc.out_dir or f"out-finetune-{fc.modality}")
+
+
+@contextmanager
+def run_state(fc: FinetuneConfig) -> Iterator[RunFile | None]:
+    """Fine-tuning's RunFile, its folder held for the run (train.hold_dir: a second run on it is refused) and removed
+    when the run leaves it empty, however the run ends; None for the probe, which keeps nothing."""
+    if fc.mode != "finetune":
+        yield None
+        return
+    folder = state_dir(fc)
+    with hold_dir(folder, "--out_dir"):
+        try:
+            yield RunFile(fc)
+        finally:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -377,17 +396,25 @@ def run(fc: FinetuneConfig) -> dict:
                           "without --resume")
     if fc.ckpt_interval < 1:
         raise ConfigError(f"--ckpt_interval={fc.ckpt_interval}: save the state every 1 or more updates")
-    run_file = RunFile(fc) if fc.mode == "finetune" else None
-    cfg, state = pretrained(fc)
-    _, _, device, dtype = setup_system(Config(device=fc.device, dtype=fc.dtype))
-    if dtype == torch.float16:
-        # fp16 gradients need a GradScaler; these models are small enough for fp32 on a GPU without bf16
-        if fc.dtype != "auto":
-            raise ConfigError("--dtype=float16: fine-tuning runs in bfloat16 or float32 (pass one, or auto)")
-        dtype = torch.float32
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    t0 = time.time()
-    result = RUNNERS[fc.modality](fc, cfg, state, device, autocast, run_file)
+    if fc.save:
+        # checked now, not when the run has ended
+        if fc.modality != "speech":
+            raise ConfigError("--save writes the fine-tuned speech model (for transcribe.py); text and vision "
+                              "fine-tuning report their accuracy and keep no model")
+        if Path(fc.save).is_dir():
+            raise ConfigError(f"--save={fc.save} is a folder: name the file to write, e.g. {Path(fc.save) / 'ctc.pt'}")
+        make_dir(Path(fc.save).parent, "--save")
+    with run_state(fc) as run_file:
+        cfg, state = pretrained(fc)
+        _, _, device, dtype = setup_system(Config(device=fc.device, dtype=fc.dtype))
+        if dtype == torch.float16:
+            # fp16 gradients need a GradScaler; these models are small enough for fp32 on a GPU without bf16
+            if fc.dtype != "auto":
+                raise ConfigError("--dtype=float16: fine-tuning runs in bfloat16 or float32 (pass one, or auto)")
+            dtype = torch.float32
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        t0 = time.time()
+        result = RUNNERS[fc.modality](fc, cfg, state, device, autocast, run_file)
     result.update(modality=fc.modality, mode=fc.mode, init_from=fc.init_from, seconds=time.time() - t0)
     return result
 
@@ -701,7 +728,6 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     char_err, word_err = transcribe(model, test_set, fc.batch_size, device, autocast)
     if fc.save:
         # what transcribe.py needs: the weights, the architecture and the letters the head's rows stand for
-        Path(fc.save).parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(Path(fc.save), dict(model=model.state_dict(), config=asdict(cfg), vocab=VOCAB))
         print(f"CTC checkpoint: {fc.save}")
     print(f"test CER {char_err:.4f} | WER {word_err:.4f} (init {fc.init_from}, {minutes:.1f} min of labelled audio, "

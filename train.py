@@ -39,6 +39,11 @@ from text_data import DataError, TextPretrainData, prepare_text
 from transformer import TransformerConfig
 from vision_data import ImageData
 
+try:
+    import fcntl                # POSIX: hold_dir's lock on a run's folder
+except ImportError:             # Windows: runs go unguarded
+    fcntl = None
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -571,6 +576,17 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def rank0_verdict(failure: Exception | None) -> None:
+    """Raise rank 0's failure in every process (failure: what rank 0 found, None elsewhere), so a problem only rank 0
+    can see stops them all with its message, not the others with a broken connection."""
+    if dist.is_initialized():
+        verdict = [failure]
+        dist.broadcast_object_list(verdict, src=0)
+        failure = verdict[0]
+    if failure is not None:
+        raise failure
+
+
 def any_process(flag: bool, device: torch.device) -> bool:
     """Whether the flag is set in any process: every process gets the same answer."""
     if not dist.is_initialized():
@@ -614,7 +630,61 @@ def stop_requests(announce: bool) -> Iterator[Callable[[], bool]]:
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# checkpoints and the folders that hold them
+
+def make_dir(path: Path, flag: str) -> None:
+    """Create the folder a run writes to before the run spends any time, so a bad path gets one line now instead of
+    a traceback at the first save. flag: the setting that named it, for the message."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{path} is a file, not a folder: choose another {flag}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot create the folder {path} ({e.strerror}): choose another {flag}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"no permission to write in {path}: choose another {flag}")
+
+
+def lock_dir(path: Path, flag: str) -> int | None:
+    """Take the OS's lock on the folder (flock): the descriptor that holds it, None where the file system has no such
+    lock (Windows, some network file systems). The lock ends with the process however it ends."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"{path} is in use by another run that is still going: wait for it to end, or choose "
+                          f"another {flag}") from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextmanager
+def hold_dir(path: Path, flag: str, master: bool = True) -> Iterator[None]:
+    """Create the run's folder (make_dir) and hold it while the run lives (lock_dir): a second run started on the same
+    folder stops with one line instead of overwriting this one's files, and a crash leaves no lock behind. Under
+    torchrun rank 0 (master) holds it and every process stops on its verdict."""
+    fd, failure = None, None
+    if master:
+        try:
+            make_dir(path, flag)
+            fd = lock_dir(path, flag)
+        except ConfigError as e:
+            failure = e
+    rank0_verdict(failure)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
 
 def save_checkpoint(path: Path, state: dict) -> None:
     """Atomic: a crash mid-write never replaces the last good checkpoint."""
@@ -717,7 +787,13 @@ def plot_history(history: dict, path: Path) -> None:
 
 
 def train(cfg: Config) -> Path:
+    """Pretrain as cfg says, holding --out_dir for the run (hold_dir). -> the checkpoint's path"""
     rank, world, device, dtype = setup_system(cfg)
+    with hold_dir(Path(cfg.out_dir), "--out_dir", master=rank == 0):
+        return run(cfg, rank, world, device, dtype)
+
+
+def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> Path:
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     out_dir = Path(cfg.out_dir)
@@ -735,15 +811,7 @@ def train(cfg: Config) -> Path:
             task = TASKS[cfg.modality](cfg, prepare=True)
         except (ConfigError, DataError) as e:
             failure = e
-    if dist.is_initialized():
-        # rank 0's verdict reaches every process, so a bad --data stops them all with its message, not the others
-        # with a broken connection
-        verdict = [None if failure is None else str(failure)]
-        dist.broadcast_object_list(verdict, src=0)
-        if verdict[0] is not None and failure is None:
-            failure = DataError(verdict[0])
-    if failure is not None:
-        raise failure
+    rank0_verdict(failure)
     if not master:
         task = TASKS[cfg.modality](cfg, prepare=False)
 
@@ -822,7 +890,6 @@ def train(cfg: Config) -> Path:
     n_params = sum(p.numel() for p in raw_model.parameters())
     say(f"data2vec {cfg.modality}/{cfg.preset}: {n_params / 1e6:.2f}M parameters, {world} process(es) on {device}, "
         f"{dtype}, global batch {cfg.batch_size * cfg.grad_accum} x {task.steps_per_sample} steps, {cfg.max_iters} updates")
-    out_dir.mkdir(parents=True, exist_ok=True)
     model.train()
     t_start, t_last, last_step = time.time(), time.time(), step
     seconds_before = ckpt.get("seconds", 0.0) if ckpt is not None else 0.0     # the run's time before this resume

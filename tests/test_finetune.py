@@ -14,6 +14,7 @@ import finetune
 import train
 from encoders import TextEncoder
 from finetune import subset
+from tests.test_train import hold_in_another_process
 from transformer import Transformer, TransformerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +136,35 @@ def test_fine_tuning_state_errors(pretrained, tmp_path, capsys):
     finetune.RunFile(fc).save(torch.nn.Linear(1, 1), *optimiser_and_schedule(), torch.Generator(), step=1)
     assert finetune.main([*args, "--resume", "--lr=0.5"]) == 1
     assert "other settings: lr=0.0001 (now 0.5)" in capsys.readouterr().err
+
+
+def test_a_fine_tune_on_a_folder_in_use_is_refused_and_output_paths_are_checked_first(pretrained, tmp_path, capsys):
+    """A fine-tuning run holds its --out_dir as train.py does; a bad --save fails at once, not after the run; a run
+    that fails leaves no empty state folder behind."""
+    ckpt, tmp = pretrained
+    out_dir = tmp_path / "ft"
+    args = [f"--init_from={ckpt}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}", "--max_len=32",
+            "--epochs=1", f"--out_dir={out_dir}"]
+    holder = hold_in_another_process(out_dir)
+    try:
+        assert finetune.main(args) == 1
+        assert f"{out_dir} is in use by another run that is still going" in capsys.readouterr().err
+        assert finetune.main([*args, "--mode=probe"]) == 0          # the probe writes nothing, so holds nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    out_dir.rmdir()
+    assert finetune.main([*args[:1], f"--train={tmp / 'missing.tsv'}", *args[2:]]) == 1
+    assert "missing.tsv" in capsys.readouterr().err and not out_dir.exists()
+    assert finetune.main([*args, f"--save={tmp_path / 'ctc.pt'}"]) == 1
+    assert "--save writes the fine-tuned speech model" in capsys.readouterr().err
+    speech = ["--modality=speech", "--init_from=random", f"--out_dir={out_dir}"]
+    assert finetune.main([*speech, f"--save={tmp_path}"]) == 1
+    assert f"--save={tmp_path} is a folder: name the file to write, e.g. {tmp_path / 'ctc.pt'}" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("not a folder")
+    assert finetune.main([*speech, f"--save={tmp_path / 'notes.txt' / 'ctc.pt'}"]) == 1
+    assert f"{tmp_path / 'notes.txt'} is a file, not a folder: choose another --save" in capsys.readouterr().err
+    assert not out_dir.exists()
 
 
 def nan_loss_from_call(monkeypatch: pytest.MonkeyPatch, fn: str, call: int) -> None:

@@ -268,6 +268,46 @@ def test_a_second_ctrl_c_quits_at_once(corpus, tmp_path, monkeypatch, capfd):
 
 # ---- errors a user can cause -----------------------------------------------------------------------------------
 
+def hold_in_another_process(folder: Path) -> subprocess.Popen:
+    """A process that holds `folder` as a running train.py does (train.hold_dir), until it is killed."""
+    code = ("import sys, time; from pathlib import Path; import train\n"
+            "with train.hold_dir(Path(sys.argv[1]), '--out_dir'):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_second_run_on_a_folder_in_use_stops_at_once_and_a_crash_leaves_it_free(corpus, tmp_path, capsys):
+    """A run holds its --out_dir while it lives: a second run there stops before any work and writes nothing. Once the
+    first process is gone (killed here, as a crash or the OOM killer would end it) the folder is free again, with
+    nothing to clean up."""
+    out = tmp_path / "o"
+    args = [*TINY, f"--data={corpus}", "--max_iters=2", f"--out_dir={out}"]
+    holder = hold_in_another_process(out)
+    try:
+        code, err = run(args, capsys)
+        assert code == 1 and err == (f"error: {out} is in use by another run that is still going: wait for it to "
+                                     "end, or choose another --out_dir\n"), err
+        assert list(out.iterdir()) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(args)[0] == 0 and (out / "ckpt.pt").exists()
+
+
+def test_an_out_dir_that_cannot_be_a_folder_stops_before_any_work(tmp_path, capsys):
+    """Checked before the data (here missing too) are read, not at the first save minutes later."""
+    file = tmp_path / "notes.txt"
+    file.write_text("not a folder")
+    for out, message in ((file, f"{file} is a file, not a folder: choose another --out_dir"),
+                         (file / "run", f"cannot create the folder {file / 'run'} (Not a directory): choose another "
+                                        "--out_dir")):
+        code, err = run([*TINY, f"--data={tmp_path / 'missing.txt'}", f"--out_dir={out}"], capsys)
+        assert code == 1 and err == f"error: {message}\n", err
+
+
 def test_missing_and_empty_data(tmp_path, capsys):
     code, err = run([*TINY, f"--data={tmp_path / 'nope.txt'}", f"--out_dir={tmp_path / 'o'}"], capsys)
     assert code == 1 and "nope.txt" in err
@@ -353,11 +393,22 @@ def test_ddp_evaluates_with_fewer_held_out_batches_than_processes(corpus, tmp_pa
 
 
 @pytest.mark.slow
-def test_ddp_bad_data_stops_every_process_with_its_message(tmp_path):
-    """Rank 0 prepares the data; when that fails, rank 1 stops with the same message, not a broken connection."""
-    proc = torchrun([*TINY, f"--data={tmp_path / 'nope.txt'}", f"--out_dir={tmp_path / 'o'}"])
+@pytest.mark.parametrize("problem", ["bad data", "folder in use"])
+def test_ddp_a_problem_only_rank_0_sees_stops_every_process_with_its_message(corpus, tmp_path, problem):
+    """Rank 0 holds --out_dir and prepares the data; when either fails, rank 1 stops with the same message, not a
+    broken connection."""
+    out = tmp_path / "o"
+    holder = hold_in_another_process(out) if problem == "folder in use" else None
+    data, message = ((tmp_path / "nope.txt", "error: text source") if holder is None else
+                     (corpus, f"error: {out} is in use by another run"))
+    try:
+        proc = torchrun([*TINY, f"--data={data}", f"--out_dir={out}"])
+    finally:
+        if holder is not None:
+            holder.kill()
+            holder.wait()
     assert proc.returncode != 0
-    assert proc.stderr.count("error: text source") == 2 and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count(message) == 2 and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def children(pid: int) -> list[int]:
