@@ -97,7 +97,8 @@ def load_image_folder(
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist; pass the folder that holds one subfolder per class")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"image folder {root} {what}; pass the folder that holds one subfolder per class")
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise DataError(f"{root} has no class subfolders; lay images out as {root}/<class name>/<image>.png")

@@ -95,6 +95,8 @@ def test_image_folder_errors(tmp_path):
     with pytest.raises(DataError, match="no class subfolders"):
         load_image_folder(tmp_path, 16)                                       # empty
     (tmp_path / "loose.png").write_bytes(b"")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_image_folder(tmp_path / "loose.png", 16)
     with pytest.raises(DataError, match="no class subfolders"):
         load_image_folder(tmp_path, 16)                                       # files but no subfolders
     (tmp_path / "cls").mkdir()
