@@ -794,6 +794,7 @@ def train(cfg: Config) -> Path:
 
 
 def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> Path:
+    """The pretraining run itself, in a folder that train() holds. -> the checkpoint's path"""
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     out_dir = Path(cfg.out_dir)
