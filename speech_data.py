@@ -25,6 +25,7 @@ import tarfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +37,11 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ctc import BLANK, LETTER_ID, encode_ltr, normalize_text, text_to_ltr
 from text_data import DataError  # one error class for bad user data: train.py and finetune.py catch it
+
+try:
+    import fcntl                # POSIX: one process at a time builds a corpus
+except ImportError:             # Windows: no such guard
+    fcntl = None
 
 SAMPLE_RATE = 16000
 MIN_SAMPLES = 400  # receptive field of the base feature encoder (25 ms): a shorter clip gives no frame at all
@@ -349,6 +355,41 @@ def prepare_speech(
     out_dir = Path(out_dir)
     if (out_dir / "stats.json").is_file():
         return json.loads((out_dir / "stats.json").read_text())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with one_at_a_time(out_dir.with_name(out_dir.name + ".lock"), f"synthesising {out_dir}"):
+        if (out_dir / "stats.json").is_file():                              # the other process has just built it
+            return json.loads((out_dir / "stats.json").read_text())
+        return _synthesise(out_dir, n_utts, n_test, n_test_voices, corpus, seed)
+
+
+@contextmanager
+def one_at_a_time(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold the OS's lock on `lock_file` (flock; the empty file is created and stays) while inside: a second process
+    that builds the same corpus meanwhile (two runs started at once on a fresh clone) waits for the first and then
+    finds it built, instead of deleting its half-written files. The lock ends with the process however it ends;
+    where the file system has none, there is no guard."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process that is {what} ...", flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _synthesise(out_dir: Path, n_utts: int, n_test: int, n_test_voices: int, corpus: Path, seed: int) -> dict:
+    """prepare_speech's work, done by one process at a time."""
     if out_dir.exists():
         raise DataError(f"{out_dir}: exists but has no stats.json (not a complete corpus); delete it and rerun")
     if shutil.which("espeak-ng") is None:

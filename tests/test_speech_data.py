@@ -1,7 +1,10 @@
 """Speech data: audio checks, manifests, batching, resampling and the espeak-ng corpus."""
 
+import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,9 @@ import torch
 import speech_data
 from ctc import encode_ltr, normalize_text, text_to_ltr
 from speech_data import (DataError, SpeechData, check_manifest, librispeech_manifest, load_audio, normalize_wave,
-                         prepare_speech, read_manifest, resample, shakespeare_lines, write_manifest)
+                         one_at_a_time, prepare_speech, read_manifest, resample, shakespeare_lines, write_manifest)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def tone(n: int, rate: int = 16000, channels: int = 1) -> np.ndarray:
@@ -171,6 +176,27 @@ def test_missing_espeak_says_how_to_install(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(DataError, match="apt-get install -y espeak-ng"):
         prepare_speech(tmp_path / "speech")
+
+
+def test_a_second_process_waits_for_the_corpus_being_built_and_uses_it(tmp_path: Path):
+    """Two runs started at once on a fresh clone: the second must not build the corpus again over the first one's
+    half-written files. The test holds the lock as the first builder would, then 'finishes' a build."""
+    out = tmp_path / "speech"
+    built = {"train": {"utterances": 2}, "test": {"utterances": 1}}
+    code = ("import json, sys; from pathlib import Path; from speech_data import prepare_speech; "
+            "print(json.dumps(prepare_speech(Path(sys.argv[1]))))")
+    with one_at_a_time(tmp_path / "speech.lock", "building it"):
+        second = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        try:
+            assert second.stdout.readline() == f"waiting for another process that is synthesising {out} ...\n"
+            (tmp_path / "elsewhere").mkdir()
+            (tmp_path / "elsewhere" / "stats.json").write_text(json.dumps(built))
+            (tmp_path / "elsewhere").rename(out)                             # the first builder's last step
+        except BaseException:
+            second.kill()
+            raise
+    stdout, _ = second.communicate(timeout=120)
+    assert second.returncode == 0 and json.loads(stdout) == built
 
 
 @pytest.mark.slow
