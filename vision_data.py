@@ -48,7 +48,7 @@ def _stratified_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int 
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")          # its own: two processes may prepare at once
     with open(tmp, "wb") as f:
         write(f)
     os.replace(tmp, path)
