@@ -47,9 +47,10 @@ from data2vec import Data2Vec
 from masking import span_mask
 from speech_data import SAMPLE_RATE, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
-from train import (ROOT, TASKS, Config, CheckpointError, ConfigError, Interrupted, PRESETS, check_compatible,
-                   hold_dir, load_checkpoint, load_state, lr_at, make_dir, parse_overrides, rng_state, save_checkpoint,
-                   set_rng_state, setup_system, speech_model, split_help, stop_requests, text_data_dir, usage)
+from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, ROOT, TASKS, Config, CheckpointError,
+                   ConfigError, Interrupted, PRESETS, check_compatible, check_numbers, hold_dir, load_checkpoint,
+                   load_state, lr_at, make_dir, parse_overrides, rng_state, save_checkpoint, set_rng_state,
+                   setup_system, speech_model, split_help, stop_requests, text_data_dir, usage)
 from transformer import Transformer
 
 
@@ -396,6 +397,7 @@ def run(fc: FinetuneConfig) -> dict:
                           "without --resume")
     if fc.ckpt_interval < 1:
         raise ConfigError(f"--ckpt_interval={fc.ckpt_interval}: save the state every 1 or more updates")
+    check_numbers(fc, COUNTS, LIMITS)
     if fc.save:
         # checked now, not when the run has ended
         if fc.modality != "speech":
@@ -662,8 +664,6 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     --train / --test manifests with `.ltr` transcripts. --budget_minutes limits the labelled training audio."""
     if fc.mode != "finetune":
         raise ConfigError("speech has --mode=finetune only (CTC)")
-    if not 0.0 <= fc.freeze <= 1.0:
-        raise ConfigError(f"--freeze={fc.freeze}: the fraction of updates that train the head only, from 0 to 1")
     if bool(fc.train) != bool(fc.test):
         raise ConfigError("pass both --train and --test (manifests with .ltr transcripts), or neither for the default")
     corpus = ROOT / "data" / "speech"
@@ -737,6 +737,16 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
 
 
 RUNNERS = {"text": run_text, "vision": run_vision, "speech": run_speech}
+
+# Where each number must lie (train.check_numbers): the counts, and the other numbers' ranges
+COUNTS = ("max_len", "epochs", "batch_size", "probe_epochs", "max_samples", "log_interval")
+LIMITS = {
+    **dict.fromkeys(("lr", "probe_lr"), ABOVE_0),
+    **dict.fromkeys(("label_fraction", "layer_decay"), ABOVE_0_TO_1),
+    **dict.fromkeys(("warmup", "mask_prob", "freeze"), IN_0_1),
+    **dict.fromkeys(("label_smoothing", "dropout"), BELOW_1),
+    **dict.fromkeys(("weight_decay", "budget_minutes"), AT_LEAST_0),
+}
 
 # Per-modality defaults, applied before the command line (as train.py's presets). Vision: BEiT's fine-tuning recipe
 # (layer decay 0.65, label smoothing 0.1, wd 0.05, SPEC §3) at an lr, batch and length for the small digits model

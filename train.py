@@ -302,6 +302,33 @@ def usage(doc: str, config: object, also: tuple[type, ...] = ()) -> str:
     return "\n".join(lines)
 
 
+# Where each number must lie, checked before anything runs (check_numbers): the counts ...
+COUNTS = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "block_size",
+          "img_size", "patch_size", "conv_dim", "pos_conv_kernel", "pos_conv_groups", "max_samples")
+# ... and the other numbers, each in one of these ranges
+IN_0_1, ABOVE_0_TO_1, BELOW_1, ABOVE_0, AT_LEAST_0 = "in [0, 1]", "in (0, 1]", "in [0, 1)", "above 0", "of at least 0"
+WITHIN = {IN_0_1: lambda x: 0 <= x <= 1, ABOVE_0_TO_1: lambda x: 0 < x <= 1, BELOW_1: lambda x: 0 <= x < 1,
+          ABOVE_0: lambda x: x > 0, AT_LEAST_0: lambda x: x >= 0}
+LIMITS = {
+    **dict.fromkeys(("dropout", "attn_dropout", "act_dropout", "layerdrop", "drop_path", "beta1", "beta2"), BELOW_1),
+    **dict.fromkeys(("tau_0", "tau_e", "warmup", "hold"), IN_0_1),
+    **dict.fromkeys(("lr", "adam_eps", "ln_eps"), ABOVE_0),
+    **dict.fromkeys(("min_lr", "weight_decay", "grad_clip", "loss_beta", "layer_scale", "tau_n", "min_mask_patches",
+                     "pos_conv_layers"), AT_LEAST_0),
+}
+
+
+def check_numbers(cfg: object, counts: Sequence[str], limits: dict[str, str]) -> None:
+    """Each count of cfg is at least 1 and each other number in its range (limits: field -> one of WITHIN's ranges),
+    or a ConfigError names the setting."""
+    for key in counts:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: needs at least 1")
+    for key, limit in limits.items():
+        if not WITHIN[limit](getattr(cfg, key)):
+            raise ConfigError(f"--{key}={getattr(cfg, key)}: needs a value {limit}")
+
+
 def parse_args(argv: list[str]) -> Config:
     """--key=value overrides on top of the modality's preset. Unknown keys get a suggestion."""
     overrides = parse_overrides(Config, argv)
@@ -315,10 +342,14 @@ def parse_args(argv: list[str]) -> Config:
     if cfg.max_iters < 1:
         raise ConfigError(f"--max_iters={cfg.max_iters}: pretraining needs at least one update (an untrained encoder "
                           "is finetune.py --init_from=random)")
-    for key in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-                "block_size"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"--{key}={getattr(cfg, key)}: needs at least 1")
+    check_numbers(cfg, COUNTS, LIMITS)
+    if cfg.schedule not in ("tri", "cosine"):
+        raise ConfigError(f"unknown --schedule={cfg.schedule}: use tri or cosine")
+    if cfg.schedule == "tri" and cfg.warmup + cfg.hold > 1:
+        raise ConfigError(f"--warmup={cfg.warmup} --hold={cfg.hold}: fractions of --max_iters, together at most 1 (the "
+                          "rest decays)")
+    if cfg.min_lr > cfg.lr:
+        raise ConfigError(f"--min_lr={cfg.min_lr} exceeds --lr={cfg.lr}: the schedule decays to min_lr")
     try:
         check_depth(sub_config(TargetConfig, cfg), sub_config(TransformerConfig, cfg).n_layer)
     except ValueError as e:
@@ -444,6 +475,12 @@ class SpeechTask:
             raise ConfigError(f"--conv_layers={cfg.conv_layers}: the feature encoder has 1 to 7 layers")
         if cfg.dim % cfg.pos_conv_groups:
             raise ConfigError(f"--dim={cfg.dim} must be a multiple of --pos_conv_groups={cfg.pos_conv_groups}")
+        fe = ConvFeatureExtractor
+        self.kernels, self.strides = fe.KERNELS[:cfg.conv_layers], fe.STRIDES[:cfg.conv_layers]
+        if conv_output_lengths(torch.tensor([cfg.max_samples]), self.kernels, self.strides).item() < 1:
+            raise ConfigError(f"--max_samples={cfg.max_samples} is shorter than one frame of the feature encoder "
+                              f"({sum((k - 1) * math.prod(self.strides[:i]) for i, k in enumerate(self.kernels)) + 1} "
+                              "samples)")
         if cfg.data:
             train_tsv = Path(cfg.data)
         else:
@@ -457,8 +494,6 @@ class SpeechTask:
             if len(data) < cfg.batch_size:
                 raise DataError(f"{tsv}: {len(data)} utterances, fewer than --batch_size={cfg.batch_size}; "
                                 f"lower --batch_size or add audio")
-        fe = ConvFeatureExtractor
-        self.kernels, self.strides = fe.KERNELS[:cfg.conv_layers], fe.STRIDES[:cfg.conv_layers]
         crops = self.data["train"].lengths.clamp(max=cfg.max_samples)                       # (N,)
         # frames of the average cropped training utterance, for frames/s
         self.steps_per_sample = round(conv_output_lengths(crops, self.kernels, self.strides).float().mean().item())
@@ -669,11 +704,13 @@ def lock_dir(path: Path, flag: str) -> int | None:
 @contextmanager
 def hold_dir(path: Path, flag: str, master: bool = True) -> Iterator[None]:
     """Create the run's folder (make_dir) and hold it while the run lives (lock_dir): a second run started on the same
-    folder stops with one line instead of overwriting this one's files, and a crash leaves no lock behind. Under
-    torchrun rank 0 (master) holds it and every process stops on its verdict."""
-    fd, failure = None, None
+    folder stops with one line instead of overwriting this one's files, and a crash leaves no lock behind. A folder
+    that this hold created and the run left empty (it failed before its first save) is removed. Under torchrun rank 0
+    (master) holds it and every process stops on its verdict."""
+    fd, failure, created = None, None, False
     if master:
         try:
+            created = not path.exists()
             make_dir(path, flag)
             fd = lock_dir(path, flag)
         except ConfigError as e:
@@ -682,6 +719,8 @@ def hold_dir(path: Path, flag: str, master: bool = True) -> Iterator[None]:
     try:
         yield
     finally:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
         if fd is not None:
             os.close(fd)
 

@@ -214,6 +214,12 @@ def test_bad_input(pretrained, tmp_path, capsys):
     assert "--init_from=ppmi (word vectors" in capsys.readouterr().err
     assert finetune.main(["--init_from=random", "--probe_layer=0"]) == 1
     assert "pass --mode=probe" in capsys.readouterr().err
+    for setting, message in (("--label_fraction=0", "--label_fraction=0.0: needs a value in (0, 1]"),
+                             ("--epochs=0", "--epochs=0: needs at least 1"),
+                             ("--lr=-1", "--lr=-1.0: needs a value above 0"),
+                             ("--dropout=1", "--dropout=1.0: needs a value in [0, 1)")):
+        assert finetune.main(["--init_from=random", setting]) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
     assert finetune.main([f"--init_from={ckpt}", f"--like={ckpt}"]) == 1
     assert "pass --init_from=random with it" in capsys.readouterr().err
     assert finetune.main(["--init_from=random", f"--like={ckpt}", "--modality=vision"]) == 1

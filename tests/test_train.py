@@ -86,6 +86,16 @@ def test_preset_then_overrides():
     (["--n_head=3"], "dim a multiple of n_head"),
     (["--modality=vision", "--mask_ratio=0"], "in (0, 1]"),
     (["--device=gpu"], "use auto, cpu, cuda, cuda:N or mps"),
+    (["--lr=-1"], "--lr=-1.0: needs a value above 0"),
+    (["--dropout=1.5"], "--dropout=1.5: needs a value in [0, 1)"),
+    (["--beta2=1"], "--beta2=1.0: needs a value in [0, 1)"),
+    (["--tau_0=1.5"], "--tau_0=1.5: needs a value in [0, 1]"),
+    (["--grad_clip=-1"], "--grad_clip=-1.0: needs a value of at least 0"),
+    (["--modality=vision", "--min_mask_patches=-1"], "--min_mask_patches=-1: needs a value of at least 0"),
+    (["--modality=speech", "--pos_conv_kernel=0"], "--pos_conv_kernel=0: needs at least 1"),
+    (["--warmup=0.5"], "--warmup=0.5 --hold=0.8: fractions of --max_iters, together at most 1"),
+    (["--min_lr=1"], "--min_lr=1.0 exceeds --lr=0.0005"),
+    (["--schedule=step"], "unknown --schedule=step: use tri or cosine"),
 ])
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
@@ -311,9 +321,17 @@ def test_an_out_dir_that_cannot_be_a_folder_stops_before_any_work(tmp_path, caps
 def test_missing_and_empty_data(tmp_path, capsys):
     code, err = run([*TINY, f"--data={tmp_path / 'nope.txt'}", f"--out_dir={tmp_path / 'o'}"], capsys)
     assert code == 1 and "nope.txt" in err
+    assert not (tmp_path / "o").exists()                 # the run created its folder and failed before any save
     (tmp_path / "empty").mkdir()
     code, err = run([*TINY, f"--data={tmp_path / 'empty'}", f"--out_dir={tmp_path / 'o'}"], capsys)
     assert code == 1 and "empty" in err and "Traceback" not in err
+
+
+def test_speech_crops_shorter_than_one_frame_are_refused_before_the_data_are_read(tmp_path, capsys):
+    code, err = run(["--modality=speech", f"--data={tmp_path / 'missing.tsv'}", "--max_samples=399",
+                     f"--out_dir={tmp_path / 'o'}"], capsys)
+    assert code == 1 and err == ("error: --max_samples=399 is shorter than one frame of the feature encoder (400 "
+                                 "samples)\n"), err
 
 
 def test_a_batch_without_masked_steps_is_named(corpus, tmp_path, capsys):
@@ -454,7 +472,8 @@ def test_bench_times_the_training_step(corpus, capsys):
     assert bench.main([*TINY, f"--data={corpus}", "--max_iters=2", "--grad_accum=2"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     mfu = float(last.split("MFU ")[1].split(" %")[0])
-    assert "tokens/s" in last and "of the step" in last and 0 < mfu < 100, last
+    # 0.0 % is possible: a tiny model on a busy machine rounds to it
+    assert "tokens/s" in last and "of the step" in last and 0 <= mfu < 100, last
 
 
 def test_bench_profile_lists_where_the_step_goes(corpus, capsys):
