@@ -477,10 +477,11 @@ class SpeechTask:
             raise ConfigError(f"--dim={cfg.dim} must be a multiple of --pos_conv_groups={cfg.pos_conv_groups}")
         fe = ConvFeatureExtractor
         self.kernels, self.strides = fe.KERNELS[:cfg.conv_layers], fe.STRIDES[:cfg.conv_layers]
-        if conv_output_lengths(torch.tensor([cfg.max_samples]), self.kernels, self.strides).item() < 1:
+        # the samples one frame sees: 1 + each layer's (kernel - 1) x the strides below it (400 with all 7 layers)
+        field = 1 + sum((k - 1) * math.prod(self.strides[:i]) for i, k in enumerate(self.kernels))
+        if cfg.max_samples < field:
             raise ConfigError(f"--max_samples={cfg.max_samples} is shorter than one frame of the feature encoder "
-                              f"({sum((k - 1) * math.prod(self.strides[:i]) for i, k in enumerate(self.kernels)) + 1} "
-                              "samples)")
+                              f"({field} samples)")
         if cfg.data:
             train_tsv = Path(cfg.data)
         else:
