@@ -327,7 +327,10 @@ class RunFile:
                                   f"(now {self.fc.lr:g}) or check the data")
 
     def finish(self) -> None:
+        """The run has reported its result: delete the state, and the folder when that leaves it empty."""
         self.path.unlink(missing_ok=True)
+        if not any(self.path.parent.iterdir()):
+            self.path.parent.rmdir()
 
 
 def state_dir(fc: FinetuneConfig) -> Path:
@@ -336,18 +339,13 @@ def state_dir(fc: FinetuneConfig) -> Path:
 
 @contextmanager
 def run_state(fc: FinetuneConfig) -> Iterator[RunFile | None]:
-    """Fine-tuning's RunFile, its folder held for the run (train.hold_dir: a second run on it is refused) and removed
-    when the run leaves it empty, however the run ends; None for the probe, which keeps nothing."""
+    """Fine-tuning's RunFile, its folder held for the run (train.hold_dir: a second run on it is refused); None for
+    the probe, which keeps nothing."""
     if fc.mode != "finetune":
         yield None
         return
-    folder = state_dir(fc)
-    with hold_dir(folder, "--out_dir"):
-        try:
-            yield RunFile(fc)
-        finally:
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+    with hold_dir(state_dir(fc), "--out_dir"):
+        yield RunFile(fc)
 
 
 def subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -395,8 +393,6 @@ def run(fc: FinetuneConfig) -> dict:
     if fc.resume and fc.mode != "finetune":
         raise ConfigError("--resume continues a stopped fine-tuning run; the probe keeps no state: run it again "
                           "without --resume")
-    if fc.ckpt_interval < 1:
-        raise ConfigError(f"--ckpt_interval={fc.ckpt_interval}: save the state every 1 or more updates")
     check_numbers(fc, COUNTS, LIMITS)
     if fc.save:
         # checked now, not when the run has ended
@@ -739,7 +735,7 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
 RUNNERS = {"text": run_text, "vision": run_vision, "speech": run_speech}
 
 # Where each number must lie (train.check_numbers): the counts, and the other numbers' ranges
-COUNTS = ("max_len", "epochs", "batch_size", "probe_epochs", "max_samples", "log_interval")
+COUNTS = ("max_len", "epochs", "batch_size", "probe_epochs", "max_samples", "log_interval", "ckpt_interval")
 LIMITS = {
     **dict.fromkeys(("lr", "probe_lr"), ABOVE_0),
     **dict.fromkeys(("label_fraction", "layer_decay"), ABOVE_0_TO_1),

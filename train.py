@@ -34,7 +34,7 @@ from data2vec import Data2Vec, EMATeacher, TargetConfig, check_depth, collapse_s
 from encoders import ConvFeatureExtractor, PatchEncoder, SpeechEncoder, TextEncoder, conv_output_lengths
 from masking import bert_mask, block_mask, span_mask
 from mlm import MaskedLM
-from speech_data import SpeechData, prepare_speech
+from speech_data import MIN_SAMPLES, SpeechData, prepare_speech
 from text_data import DataError, TextPretrainData, prepare_text
 from transformer import TransformerConfig
 from vision_data import ImageData
@@ -475,13 +475,9 @@ class SpeechTask:
             raise ConfigError(f"--conv_layers={cfg.conv_layers}: the feature encoder has 1 to 7 layers")
         if cfg.dim % cfg.pos_conv_groups:
             raise ConfigError(f"--dim={cfg.dim} must be a multiple of --pos_conv_groups={cfg.pos_conv_groups}")
-        fe = ConvFeatureExtractor
-        self.kernels, self.strides = fe.KERNELS[:cfg.conv_layers], fe.STRIDES[:cfg.conv_layers]
-        # the samples one frame sees: 1 + each layer's (kernel - 1) x the strides below it (400 with all 7 layers)
-        field = 1 + sum((k - 1) * math.prod(self.strides[:i]) for i, k in enumerate(self.kernels))
-        if cfg.max_samples < field:
-            raise ConfigError(f"--max_samples={cfg.max_samples} is shorter than one frame of the feature encoder "
-                              f"({field} samples)")
+        if cfg.max_samples < MIN_SAMPLES:
+            raise ConfigError(f"--max_samples={cfg.max_samples}: crops must hold the feature encoder's receptive field, "
+                              f"{MIN_SAMPLES} samples, the shortest clip the data accept")
         if cfg.data:
             train_tsv = Path(cfg.data)
         else:
@@ -495,6 +491,8 @@ class SpeechTask:
             if len(data) < cfg.batch_size:
                 raise DataError(f"{tsv}: {len(data)} utterances, fewer than --batch_size={cfg.batch_size}; "
                                 f"lower --batch_size or add audio")
+        fe = ConvFeatureExtractor
+        self.kernels, self.strides = fe.KERNELS[:cfg.conv_layers], fe.STRIDES[:cfg.conv_layers]
         crops = self.data["train"].lengths.clamp(max=cfg.max_samples)                       # (N,)
         # frames of the average cropped training utterance, for frames/s
         self.steps_per_sample = round(conv_output_lengths(crops, self.kernels, self.strides).float().mean().item())

@@ -330,8 +330,8 @@ def test_missing_and_empty_data(tmp_path, capsys):
 def test_speech_crops_shorter_than_one_frame_are_refused_before_the_data_are_read(tmp_path, capsys):
     code, err = run(["--modality=speech", f"--data={tmp_path / 'missing.tsv'}", "--max_samples=399",
                      f"--out_dir={tmp_path / 'o'}"], capsys)
-    assert code == 1 and err == ("error: --max_samples=399 is shorter than one frame of the feature encoder (400 "
-                                 "samples)\n"), err
+    assert code == 1 and err == ("error: --max_samples=399: crops must hold the feature encoder's receptive field, "
+                                 "400 samples, the shortest clip the data accept\n"), err
 
 
 def test_a_batch_without_masked_steps_is_named(corpus, tmp_path, capsys):
