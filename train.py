@@ -1018,6 +1018,14 @@ def gather_rng_states(world: int) -> list[dict[str, torch.Tensor]]:
     return states
 
 
+def leave_together() -> None:
+    """Under torchrun, no process exits before all have finished: a rank exiting early aborts another still using
+    gloo ("terminate called without an active exception", once in five 2-process test runs), and a rank that exits
+    with an error code has torchrun stop the others, here rank 0 while it still wrote its loss plot and message."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def main(argv: list[str]) -> int:
     try:
         asked, argv = split_help(argv)
@@ -1025,15 +1033,13 @@ def main(argv: list[str]) -> int:
             print(usage(__doc__, parse_args(argv), also=(TransformerConfig, TargetConfig)))
             return 0
         train(parse_args(argv))
-        if dist.is_initialized():
-            # no rank tears gloo down while another still uses it (a rank exiting early aborts the other:
-            # "terminate called without an active exception", seen once in five 2-process test runs)
-            dist.barrier()
+        leave_together()
     except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except Interrupted as e:
+    except Interrupted as e:                    # every process stops after the same update (any_process)
         print(f"interrupted: {e}", file=sys.stderr)
+        leave_together()
         return 130                              # the shell's code for a run stopped by Ctrl-C
     except KeyboardInterrupt:
         print("interrupted: quit at once; the last checkpoint, if any, is kept", file=sys.stderr)
