@@ -492,6 +492,12 @@ def fit_and_test(model: Probed, fc: FinetuneConfig, train: tuple, test: tuple, a
     stored inputs into a model batch on the device (augmented when a generator is given). run_file: fine-tuning's
     state on disk (None for the probe)."""
     (x_train, y_train), (x_test, y_test) = train, test
+    present = y_train.unique()
+    if len(present) < 2:
+        # one class: any classifier scores 100 %, which says nothing
+        where = fc.train or fc.data or "the training data"
+        raise DataError(f"{where}: every training example is of class {classes[int(present[0])]!r}, and a "
+                        "classifier needs two classes or more: add examples of another class")
     print(f"{fc.mode} on {len(x_train)} training / {len(x_test)} test examples, {len(classes)} classes "
           f"{classes[:10]}, encoder from {fc.init_from}")
     if fc.mode == "probe":

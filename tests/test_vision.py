@@ -3,6 +3,7 @@ decay, a tiny pretraining + fine-tuning run, and bad --data folders."""
 
 import pytest
 import torch
+from PIL import Image
 
 import finetune
 import train
@@ -139,3 +140,17 @@ def test_bad_image_folders(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 1 and message in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_fine_tuning_on_a_folder_of_one_class_is_refused(tmp_path, capsys):
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (12, 12), (60 * i, 0, 0)).save(tmp_path / "imgs" / "cat" / f"{i}.png")
+    for mode in ("probe", "finetune"):
+        args = ["--modality=vision", "--init_from=random", f"--mode={mode}", f"--data={tmp_path / 'imgs'}",
+                f"--out_dir={tmp_path / 'ft'}"]
+        assert finetune.main(args) == 1
+        assert capsys.readouterr().err == (f"error: {tmp_path / 'imgs'}: every training example is of class "
+                                           "'cat', and a classifier needs two classes or more: add examples of "
+                                           "another class\n")
+        assert not (tmp_path / "ft").exists()
