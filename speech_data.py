@@ -57,7 +57,7 @@ def audio_samples(path: Path, min_samples: int = MIN_SAMPLES) -> int:
     Stereo is an error rather than a silent downmix: a second channel often means the wrong file.
     """
     if not Path(path).is_file():
-        raise DataError(f"{path}: no such file; check the path and the manifest's root folder (its first line)")
+        raise DataError(f"{path}: no such file; check the path")
     try:
         info = sf.info(str(path))
     except (RuntimeError, sf.SoundFileError) as e:
@@ -69,7 +69,7 @@ def audio_samples(path: Path, min_samples: int = MIN_SAMPLES) -> int:
         raise DataError(f"{path}: {info.channels} channels, expected mono; downmix it, e.g. `sox in.wav -c 1 out.wav`")
     if info.frames < min_samples:
         raise DataError(f"{path}: {info.frames} samples, fewer than min_samples={min_samples} "
-                        f"(the feature encoder's receptive field); drop it from the manifest")
+                        f"(the feature encoder's receptive field); use a longer clip")
     return info.frames
 
 
@@ -138,8 +138,12 @@ def read_manifest(tsv: Path) -> tuple[Path, list[tuple[str, int]], list[str] | N
 def check_manifest(tsv: Path, min_samples: int = MIN_SAMPLES) -> tuple[Path, list[tuple[str, int]], list[str] | None]:
     """read_manifest, then check every file (readable, 16 kHz, mono, long enough, length as listed)."""
     root, entries, ltr = read_manifest(tsv)
-    for rel, samples in entries:
-        found = audio_samples(root / rel, min_samples)
+    for number, (rel, samples) in enumerate(entries, 2):
+        try:
+            found = audio_samples(root / rel, min_samples)
+        except DataError as e:
+            raise DataError(f"{e} ({tsv}:{number} lists it, relative to the root folder on the manifest's first "
+                            f"line, {root}; fix the file or drop the line)") from None
         if found != samples:
             raise DataError(f"{root / rel}: {found} samples but {tsv} lists {samples}; "
                             f"the file changed after the manifest was written: regenerate the manifest")

@@ -35,6 +35,10 @@ def load_ctc(ckpt: str) -> CTCModel:
             raise CheckpointError(f"{ckpt}: {vocab_size} output symbols, but ctc.VOCAB has {len(VOCAB)}")
     else:
         saved = load_checkpoint(Path(ckpt), "fine-tune with finetune.py --modality=speech --save=PATH first")
+        modality = saved["config"].get("modality")
+        if modality != "speech":
+            raise CheckpointError(f"{ckpt} is a {modality} checkpoint; transcribe.py needs a speech model fine-tuned "
+                                  "for CTC (finetune.py --modality=speech --save=out-ctc/ctc.pt)")
         if "vocab" not in saved:
             raise CheckpointError(f"{ckpt} is a pretraining checkpoint, not a CTC one; fine-tune it with "
                                   f"finetune.py --modality=speech --init_from={ckpt} --save=out-ctc/ctc.pt")

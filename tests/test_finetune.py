@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 import finetune
 import train
+import transcribe
 from encoders import TextEncoder
 from finetune import subset
 from tests.test_train import hold_in_another_process
@@ -228,6 +230,22 @@ def test_bad_input(pretrained, tmp_path, capsys):
             f"--test={tmp / 'test.tsv'}"]
     assert finetune.main(args) == 1
     assert "layers 0 (its input) to 2" in capsys.readouterr().err
+    (tmp_path / "one.tsv").write_text("To be, or not to be\thamlet\nFull fathom five\thamlet\n")
+    for mode in ("probe", "finetune"):                 # one class: 100 % for any classifier, which says nothing
+        assert finetune.main([f"--init_from={ckpt}", f"--mode={mode}", f"--train={tmp_path / 'one.tsv'}",
+                              f"--test={tmp_path / 'one.tsv'}", "--max_len=32", f"--out_dir={tmp_path / 'ft'}"]) == 1
+        assert capsys.readouterr().err == (f"error: {tmp_path / 'one.tsv'}: every training example is of class "
+                                           "'hamlet', and a classifier needs two classes or more: add examples of "
+                                           "another class\n")
+        assert not (tmp_path / "ft").exists()
+
+
+def test_transcribe_names_what_a_text_checkpoint_is(pretrained, tmp_path, capsys):
+    ckpt, _ = pretrained
+    sf.write(str(tmp_path / "a.wav"), np.zeros(1600, dtype=np.float32), 16000)
+    assert transcribe.main([f"--ckpt={ckpt}", str(tmp_path / "a.wav")]) == 1
+    assert capsys.readouterr().err == (f"error: {ckpt} is a text checkpoint; transcribe.py needs a speech model "
+                                       "fine-tuned for CTC (finetune.py --modality=speech --save=out-ctc/ctc.pt)\n")
 
 
 def test_random_like_a_checkpoint_builds_its_architecture_with_fresh_weights(pretrained):

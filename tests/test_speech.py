@@ -10,6 +10,7 @@ import torch
 
 import finetune
 import train
+import transcribe
 from ctc import text_to_ltr
 from encoders import ConvFeatureExtractor, SpeechEncoder, conv_output_lengths
 from speech_data import write_manifest
@@ -139,6 +140,9 @@ def test_tiny_pretraining_then_ctc_finetuning(speech_corpus, tmp_path, capsys):
                               *(["--preset=small"] if init == "random" else [])]) == 0
         assert "test CER" in capsys.readouterr().out
     assert not (tmp_path / "ft").exists()                      # a finished run leaves no state behind
+    wav = str(speech_corpus.parent / "audio" / "train" / "0.wav")
+    assert transcribe.main([f"--ckpt={out / 'ckpt.pt'}", wav]) == 1           # pretrained, no letter head
+    assert "a pretraining checkpoint, not a CTC one" in capsys.readouterr().err
 
 
 def test_ctrl_c_saves_ctc_fine_tuning_and_resume_ends_where_the_straight_run_does(speech_corpus, tmp_path,
@@ -215,6 +219,7 @@ def test_bad_speech_data_is_one_clear_error(speech_corpus, tmp_path, capsys):
     code = train.main([*TINY, f"--data={tmp_path / 'bad.tsv'}", f"--out_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert code == 1 and "2 channels" in err and "Traceback" not in err
+    assert f"{tmp_path / 'bad.tsv'}:2 lists it, relative to the root folder on the manifest's first line" in err
 
     no_ltr = tmp_path / "unlabelled.tsv"
     write_manifest(speech_corpus.parent / "audio", [Path("train/0.wav")], no_ltr)
