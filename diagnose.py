@@ -147,12 +147,17 @@ def nearest_tokens(table: torch.Tensor, query: int, k: int) -> list[int]:
     return sims.topk(k).indices.tolist()
 
 
+def word_list(words: str) -> list[str]:
+    """The words of a comma-separated --words value."""
+    return [w.strip() for w in words.split(",") if w.strip()]
+
+
 def word_neighbours(words: str, enc: tiktoken.Encoding, tables: dict[str, torch.Tensor],
                     k: int = 5) -> dict[str, dict[str, list[str]]]:
     """{word: {table name: its k nearest token types}} for each comma-separated word that is one token of `enc` (as
     it appears mid-sentence, after a space); other words are left out."""
     result = {}
-    for word in filter(None, (w.strip() for w in words.split(","))):
+    for word in word_list(words):
         ids = enc.encode_ordinary(" " + word)
         if len(ids) == 1:
             result[word] = {name: [enc.decode([i]) for i in nearest_tokens(t, ids[0], k)] for name, t in tables.items()}
@@ -297,6 +302,9 @@ def main(argv: list[str]) -> int:
     for word, lists in result.get("neighbours", {}).items():
         print(f"nearest token types to {word!r}: in the checkpoint's embeddings {lists['checkpoint']}; in word "
               f"vectors counted on the training split (finetune.ppmi_vectors) {lists['counted']}")
+    left_out = [w for w in word_list(dc.words) if "neighbours" in result and w not in result["neighbours"]]
+    if left_out:
+        print(f"--words left out, not one token of this vocabulary (as a word after a space): {', '.join(left_out)}")
     rank = lambda key: " / ".join(f"{r:.1f}" for r in result[key])
     print(f"pooled features of {result['examples']} held-out examples, effective rank at the Transformer's input, then "
           f"after each block: {rank('feature_rank')} (at initialisation: {rank('feature_rank_init')}; far below it: "

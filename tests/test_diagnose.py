@@ -164,6 +164,11 @@ def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     assert result["examples"] == 8                                                          # 2 batches of 4
     assert len(result["feature_rank"]) == len(result["feature_rank_init"]) == 3             # input, 2 blocks
     assert all(1 <= r <= 7 for r in result["feature_rank"] + result["feature_rank_init"])
+    capsys.readouterr()
+    assert diagnose.main([f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--batches=1", "--words=the, zzyzx ,,"]) == 0
+    out = capsys.readouterr().out
+    assert "nearest token types to 'the'" in out and "not one token of this vocabulary (as a word after a space): " \
+        "zzyzx\n" in out
     assert diagnose.main([f"--ckpt={tmp_path / 'missing.pt'}"]) == 1
     assert "no checkpoint" in capsys.readouterr().err
     assert diagnose.main([f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--batches=0"]) == 1
