@@ -25,8 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 from data2vec import Data2Vec, EMATeacher, TargetConfig
 from mlm import MaskedLM
 from text_data import DataError
-from train import (TASKS, ConfigError, device_batch, forward_backward, parse_args, setup_system, split_help,
-                   usage)
+from train import (TASKS, Config, ConfigError, Task, device_batch, forward_backward, out_of_memory, parse_args,
+                   setup_system, split_help, usage)
 from transformer import TransformerConfig
 
 # Dense bf16 tensor-core peak FLOP/s by device name (vendor data sheets; SXM parts unless named)
@@ -128,6 +128,21 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    try:
+        measure(cfg, task, model, device, dtype, profiling)
+    except RuntimeError as e:
+        if (what := out_of_memory(e)) is None:
+            raise
+        print(f"error: {what}: lower --batch_size and raise --grad_accum by the same factor, which times the same "
+              "number of tokens per step", file=sys.stderr)
+        return 1
+    return 0
+
+
+def measure(cfg: Config, task: Task, model: Data2Vec | MaskedLM, device: torch.device, dtype: torch.dtype,
+            profiling: bool) -> None:
+    """Time cfg.max_iters steps after 3 warm-up steps, print the step's time, throughput, MFU and the EMA's share;
+    with profiling, then where a profiled step's time goes."""
     teacher = EMATeacher(model.student, cfg.tau_0, cfg.tau_e, cfg.tau_n).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                                   weight_decay=cfg.weight_decay, fused=device.type == "cuda")
@@ -177,7 +192,6 @@ def main(argv: list[str]) -> int:
           f"EMA {dt_ema * 1e3:.2f} ms = {100 * dt_ema / dt:.1f} % of the step")
     if profiling:
         print_profile(*profile_steps(step, cfg.max_iters, device), flops, device)
-    return 0
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ from speech_data import SAMPLE_RATE, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, ROOT, TASKS, Config, CheckpointError,
                    ConfigError, Interrupted, PRESETS, check_compatible, check_numbers, hold_dir, load_checkpoint,
-                   load_state, lr_at, make_dir, parse_overrides, rng_state, save_checkpoint, set_rng_state,
-                   setup_system, speech_model, split_help, stop_requests, text_data_dir, usage)
+                   load_state, lr_at, make_dir, out_of_memory, parse_overrides, rng_state, save_checkpoint,
+                   set_rng_state, setup_system, speech_model, split_help, stop_requests, text_data_dir, usage)
 from transformer import Transformer
 
 
@@ -776,6 +776,11 @@ def main(argv: list[str]) -> int:
         run(parse_config(argv))
     except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if (what := out_of_memory(e)) is None:
+            raise
+        print(f"error: {what}: lower --batch_size", file=sys.stderr)
         return 1
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ import difflib
 import inspect
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -519,6 +520,7 @@ def speech_model(cfg: Config) -> Data2Vec:
 
 
 TASKS = {"text": TextTask, "vision": VisionTask, "speech": SpeechTask}
+Task = TextTask | VisionTask | SpeechTask
 
 
 def batch_seed(seed: int, step: int, index: int) -> int:
@@ -527,7 +529,7 @@ def batch_seed(seed: int, step: int, index: int) -> int:
     return (seed * 1_000_003 + step) * 10_007 + index
 
 
-def device_batch(task: TextTask | VisionTask | SpeechTask, model: Data2Vec, split: str, generator: torch.Generator,
+def device_batch(task: Task, model: Data2Vec, split: str, generator: torch.Generator,
                  device: torch.device) -> dict[str, torch.Tensor]:
     """One micro-batch of the task on the device, with the masked rows (model.masked_rows) computed on the CPU where
     the mask was drawn, so the forward pass never waits for the device to find them."""
@@ -1026,6 +1028,20 @@ def leave_together() -> None:
         dist.barrier()
 
 
+def out_of_memory(e: RuntimeError) -> str | None:
+    """What ran out, for an allocation that failed (a GPU's OutOfMemoryError, or the CPU allocator's error when the
+    system refuses the memory), or None for any other error. Torch's own message says how much it tried to get."""
+    text = str(e)
+    if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
+        return None
+    where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+    size = re.search(r"tried to allocate ([\d.]+) ?(bytes|[KMGT]iB)", text, re.IGNORECASE)
+    if size is None:
+        return f"out of {where} memory"
+    amount = f"{float(size[1]) / 2 ** 30:,.2f} GiB" if size[2] == "bytes" else f"{size[1]} {size[2]}"
+    return f"out of {where} memory (an allocation of {amount} failed)"
+
+
 def main(argv: list[str]) -> int:
     try:
         asked, argv = split_help(argv)
@@ -1036,6 +1052,13 @@ def main(argv: list[str]) -> int:
         leave_together()
     except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if (what := out_of_memory(e)) is None:
+            raise
+        print(f"error: {what}: lower --batch_size and raise --grad_accum by the same factor, which keeps the global "
+              "batch; the last checkpoint, if any, is kept, and --resume continues from it with the new settings",
+              file=sys.stderr)
         return 1
     except Interrupted as e:                    # every process stops after the same update (any_process)
         print(f"interrupted: {e}", file=sys.stderr)

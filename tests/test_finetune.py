@@ -180,6 +180,22 @@ def nan_loss_from_call(monkeypatch: pytest.MonkeyPatch, fn: str, call: int) -> N
     monkeypatch.setattr(torch.nn.functional, fn, nan_later)
 
 
+def test_out_of_memory_in_fine_tuning_names_the_fix(pretrained, tmp_path, monkeypatch, capsys):
+    ckpt, tmp = pretrained
+    cross_entropy = torch.nn.functional.cross_entropy
+
+    def greedy(*args, **kwargs):
+        torch.empty(2 ** 50)                                           # 4 PiB of float32: torch's real CPU error
+        return cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", greedy)
+    for mode in ("probe", "finetune"):
+        assert finetune.main([f"--init_from={ckpt}", f"--mode={mode}", f"--train={tmp / 'train.tsv'}",
+                              f"--test={tmp / 'test.tsv'}", "--max_len=32", f"--out_dir={tmp_path / 'ft'}"]) == 1
+        assert capsys.readouterr().err == ("error: out of CPU memory (an allocation of 4,194,304.00 GiB failed): lower "
+                                           "--batch_size\n")
+
+
 def test_a_non_finite_loss_stops_fine_tuning_and_keeps_the_last_good_state(pretrained, tmp_path, monkeypatch, capsys):
     """The loss turns NaN at update 4; it is read (no sync per update) at the next save, update 6, which it must not
     overwrite the update-3 state with."""

@@ -384,6 +384,52 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
 
 
+def test_out_of_memory_names_the_fix_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    """The 7th training step asks for more memory than the machine has (torch's real CPU allocator error)."""
+    out = tmp_path / "run"
+    forward = train.Data2Vec.forward
+    calls = {"n": 0}
+
+    def greedy(self, *a, **k):
+        calls["n"] += self.training
+        if calls["n"] > 6:
+            torch.empty(2 ** 50)                                       # 4 PiB of float32
+        return forward(self, *a, **k)
+
+    monkeypatch.setattr(train.Data2Vec, "forward", greedy)
+    code, err = run([*TINY, f"--data={corpus}", "--max_iters=10", "--ckpt_interval=2", "--eval_interval=100",
+                     f"--out_dir={out}"], capsys)
+    assert code == 1 and err == ("error: out of CPU memory (an allocation of 4,194,304.00 GiB failed): lower "
+                                 "--batch_size and raise --grad_accum by the same factor, which keeps the global "
+                                 "batch; the last checkpoint, if any, is kept, and --resume continues from it with the "
+                                 "new settings\n")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_out_of_memory_tells_allocation_failures_from_other_errors():
+    gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 "
+                                 "GiB of which 1.50 GiB is free.")
+    assert train.out_of_memory(gpu) == "out of GPU memory (an allocation of 2.00 GiB failed)"
+    assert train.out_of_memory(torch.OutOfMemoryError("out of memory")) == "out of GPU memory"
+    with pytest.raises(RuntimeError) as cpu:
+        torch.empty(2 ** 50)
+    assert train.out_of_memory(cpu.value) == "out of CPU memory (an allocation of 4,194,304.00 GiB failed)"
+    with pytest.raises(RuntimeError) as other:
+        torch.ones(2) @ torch.ones(3)
+    assert train.out_of_memory(other.value) is None
+
+
+def test_bench_out_of_memory_is_one_line(corpus, monkeypatch, capsys):
+    def greedy(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has ...")
+
+    monkeypatch.setattr(bench, "forward_backward", greedy)
+    assert bench.main([*TINY, f"--data={corpus}", "--max_iters=2"]) == 1
+    assert capsys.readouterr().err == ("error: out of GPU memory (an allocation of 20.00 MiB failed): lower "
+                                       "--batch_size and raise --grad_accum by the same factor, which times the same "
+                                       "number of tokens per step\n")
+
+
 # ---- DDP ----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
