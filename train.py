@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import tokenizer
 from data2vec import Data2Vec, EMATeacher, TargetConfig, check_depth, collapse_stat
 from encoders import ConvFeatureExtractor, PatchEncoder, SpeechEncoder, TextEncoder, conv_output_lengths
 from masking import bert_mask, block_mask, span_mask
@@ -362,6 +363,10 @@ def parse_args(argv: list[str]) -> Config:
     if cfg.positions == "relative" and cfg.modality != "text":
         raise ConfigError("--positions chooses how text encodes word order; vision always uses BEiT's relative bias, "
                           "speech its positional convolution")
+    if cfg.tokenizer not in tokenizer.KINDS:
+        raise ConfigError(f"unknown --tokenizer={cfg.tokenizer}: use {', '.join(tokenizer.KINDS)}")
+    if cfg.tokenizer != "gpt2" and cfg.vocab_size < 256:
+        raise ConfigError(f"--vocab_size={cfg.vocab_size}: a byte-level BPE needs at least 256 types, one per byte")
     if cfg.objective not in ("data2vec", "mlm"):
         raise ConfigError(f"unknown --objective={cfg.objective}: use data2vec or mlm")
     if cfg.objective == "mlm" and cfg.modality != "text":

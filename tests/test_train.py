@@ -96,6 +96,8 @@ def test_preset_then_overrides():
     (["--warmup=0.5"], "--warmup=0.5 --hold=0.8: fractions of --max_iters, together at most 1"),
     (["--min_lr=1"], "--min_lr=1.0 exceeds --lr=0.0005"),
     (["--schedule=step"], "unknown --schedule=step: use tri or cosine"),
+    (["--tokenizer=wordpiece"], "unknown --tokenizer=wordpiece: use auto, gpt2, bpe"),
+    (["--vocab_size=100"], "--vocab_size=100: a byte-level BPE needs at least 256 types"),
 ])
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
