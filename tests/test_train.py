@@ -386,6 +386,34 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
 
 
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")   # torch's own
+def test_a_compiled_run_matches_the_eager_one_and_resumes_without_compile(corpus, tmp_path):
+    """--compile trains the same model (no dropout: inductor draws its own random numbers), and its checkpoint holds
+    the plain module's keys (no `_orig_mod.` prefix), so an eager run resumes it."""
+    args = [*TINY, f"--data={corpus}", "--dropout=0", "--attn_dropout=0", "--act_dropout=0", "--eval_interval=2"]
+    assert run([*args, "--max_iters=4", f"--out_dir={tmp_path / 'eager'}"])[0] == 0
+    assert run([*args, "--max_iters=4", "--compile", f"--out_dir={tmp_path / 'compiled'}"])[0] == 0
+    eager, compiled = history(tmp_path / "eager"), history(tmp_path / "compiled")
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-4)
+    ckpt = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)
+    assert ckpt["model"].keys() == torch.load(tmp_path / "eager" / "ckpt.pt", weights_only=True)["model"].keys()
+    assert run([*args, "--max_iters=6", "--resume", f"--out_dir={tmp_path / 'compiled'}"])[0] == 0
+    assert len(history(tmp_path / "compiled")["loss"]) == 6
+
+
+def test_bf16_autocast_on_a_cpu_keeps_fp32_weights_and_follows_the_fp32_run(corpus, tmp_path):
+    args = [*TINY, f"--data={corpus}", "--max_iters=4", "--eval_interval=2"]
+    assert run([*args, f"--out_dir={tmp_path / 'fp32'}"])[0] == 0
+    assert run([*args, "--dtype=bfloat16", f"--out_dir={tmp_path / 'bf16'}"])[0] == 0
+    ckpt = torch.load(tmp_path / "bf16" / "ckpt.pt", weights_only=True)
+    assert {t.dtype for t in ckpt["model"].values() if t.is_floating_point()} == {torch.float32}
+    assert {t.dtype for t in ckpt["teacher"].values() if t.is_floating_point()} == {torch.float32}
+    fp32 = history(tmp_path / "fp32")["loss"]
+    assert ckpt["history"]["loss"] != fp32 and ckpt["history"]["loss"] == pytest.approx(fp32, rel=0.01)  # 4e-4 here
+
+
 def test_out_of_memory_names_the_fix_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     """The 7th training step asks for more memory than the machine has (torch's real CPU allocator error)."""
     out = tmp_path / "run"
