@@ -17,6 +17,7 @@ import inspect
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -732,9 +733,17 @@ def hold_dir(path: Path, flag: str, master: bool = True) -> Iterator[None]:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic: a crash mid-write never replaces the last good checkpoint."""
+    """Atomic: a crash mid-write never replaces the last good checkpoint. A write that fails (a full disk, a quota)
+    leaves no partial file and is a CheckpointError naming the file and the space left there."""
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:         # a full disk: torch's "unexpected pos ..." or OSError ENOSPC
+        tmp.unlink(missing_ok=True)
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(f"could not write {path} ({reason}; {free / 2 ** 20:,.0f} MiB free there): free some "
+                              "space, or choose another folder; the last good checkpoint, if any, is kept") from None
     os.replace(tmp, path)
 
 

@@ -436,6 +436,28 @@ def test_out_of_memory_names_the_fix_and_keeps_the_last_good_checkpoint(corpus, 
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    """From the second save on, the write stops part-way: the start of the file lands, the rest goes to /dev/full, a
+    device that is always full (torch's real error)."""
+    out = tmp_path / "run"
+    save, calls = torch.save, [0]
+
+    def onto_a_full_disk(obj, f):
+        calls[0] += 1
+        if calls[0] > 1:
+            Path(f).write_bytes(b"PK\x03\x04 the first bytes of a zip")
+            f = "/dev/full"
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", onto_a_full_disk)
+    code, err = run([*TINY, f"--data={corpus}", "--max_iters=6", "--ckpt_interval=2", "--eval_interval=100",
+                     f"--out_dir={out}"], capsys)
+    assert code == 1 and err.startswith(f"error: could not write {out / 'ckpt.pt'} (") and err.endswith(
+        " MiB free there): free some space, or choose another folder; the last good checkpoint, if any, is kept\n")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2 and not (out / "ckpt.tmp").exists()
+
+
 def test_out_of_memory_tells_allocation_failures_from_other_errors():
     gpu = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 "
                                  "GiB of which 1.50 GiB is free.")
