@@ -892,6 +892,9 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
         step, history = ckpt["step"], ckpt["history"]
         set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
         say(f"resuming {ckpt_path} at step {step}")
+        if step >= cfg.max_iters:
+            say(f"the run has already made {step} updates, --max_iters={cfg.max_iters}: nothing left to train; "
+                "a larger --max_iters trains on")
     raw_model = model
     if cfg.compile:
         model = torch.compile(model)

@@ -223,6 +223,11 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, monkeypatch, 
     for part in ("model", "teacher"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert (tmp_path / "resumed" / "loss.png").stat().st_size > 1000
+    finished = (tmp_path / "straight" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    assert run([*args, f"--out_dir={tmp_path / 'straight'}", "--resume"])[0] == 0     # a finished run: says so
+    assert "already made 8 updates, --max_iters=8: nothing left to train" in capsys.readouterr().out
+    assert (tmp_path / "straight" / "ckpt.pt").read_bytes() == finished
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
