@@ -1000,8 +1000,13 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
                 if step == cfg.max_iters:
                     held_out()
                 st = state()
+                failure = None
                 if master:
-                    save_checkpoint(ckpt_path, st)
+                    try:
+                        save_checkpoint(ckpt_path, st)
+                    except CheckpointError as e:        # a full disk: every process stops with rank 0's message
+                        failure = e
+                rank0_verdict(failure)
                 t_last += time.time() - t0
             if stop:
                 break

@@ -1,8 +1,9 @@
 """train.py: config parsing, schedules, exact resume, gradient accumulation, DDP, and the errors a user can cause."""
 
-import os
 import inspect
 import io
+import os
+import resource
 import signal
 import subprocess
 import sys
@@ -42,12 +43,15 @@ def run(args: list[str], capsys=None) -> tuple[int, str]:
     return code, err
 
 
-def torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    """train.py under torchrun: 2 CPU processes (gloo), one thread each."""
+def torchrun(args: list[str], max_file_bytes: int | None = None) -> subprocess.CompletedProcess:
+    """train.py under torchrun: 2 CPU processes (gloo), one thread each. max_file_bytes: no file they write may grow
+    past it (RLIMIT_FSIZE, as a disk quota would; Python ignores SIGXFSZ, so the write fails with EFBIG)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
            *args]
+    limit = None if max_file_bytes is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes)))
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, preexec_fn=limit)
 
 
 def history(out: Path) -> dict:
@@ -514,16 +518,20 @@ def test_ddp_evaluates_with_fewer_held_out_batches_than_processes(corpus, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("problem", ["bad data", "folder in use"])
+@pytest.mark.parametrize("problem", ["bad data", "folder in use", "full disk"])
 def test_ddp_a_problem_only_rank_0_sees_stops_every_process_with_its_message(corpus, tmp_path, problem):
-    """Rank 0 holds --out_dir and prepares the data; when either fails, rank 1 stops with the same message, not a
-    broken connection."""
+    """Rank 0 holds --out_dir, prepares the data and writes the checkpoint; when any of them fails, rank 1 stops with
+    the same message, not a broken connection."""
     out = tmp_path / "o"
     holder = hold_in_another_process(out) if problem == "folder in use" else None
-    data, message = ((tmp_path / "nope.txt", "error: text source") if holder is None else
-                     (corpus, f"error: {out} is in use by another run"))
+    data, message = {"bad data": (tmp_path / "nope.txt", "error: text source"),
+                     "folder in use": (corpus, f"error: {out} is in use by another run"),
+                     "full disk": (corpus, f"error: could not write {out / 'ckpt.pt'} (")}[problem]
+    if problem == "full disk":                                 # the data prepared first: only the checkpoint is big
+        assert run([*TINY, f"--data={corpus}", "--max_iters=1", f"--out_dir={tmp_path / 'prepare'}"])[0] == 0
     try:
-        proc = torchrun([*TINY, f"--data={data}", f"--out_dir={out}"])
+        proc = torchrun([*TINY, f"--data={data}", f"--out_dir={out}"],
+                        max_file_bytes=64 * 1024 if problem == "full disk" else None)
     finally:
         if holder is not None:
             holder.kill()
