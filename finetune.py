@@ -45,7 +45,7 @@ import hf
 from ctc import BLANK, VOCAB, cer, greedy_decode, ids_to_text, wer
 from data2vec import Data2Vec
 from masking import span_mask
-from speech_data import SAMPLE_RATE, Batch, SpeechData, prepare_speech
+from speech_data import Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, ROOT, TASKS, Config, CheckpointError,
                    ConfigError, Interrupted, PRESETS, check_compatible, check_numbers, hold_dir, load_checkpoint,
@@ -674,6 +674,9 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     train_set = SpeechData(Path(fc.train) if fc.train else corpus / "train.tsv", fc.max_samples, targets=True)
     test_set = SpeechData(Path(fc.test) if fc.test else corpus / "test.tsv", fc.max_samples, targets=True)
     if fc.budget_minutes > 0:
+        if fc.budget_minutes >= train_set.minutes:
+            print(f"--budget_minutes={fc.budget_minutes:g}: the training set holds {train_set.minutes:.1f} min, all "
+                  "of which is used")
         train_set = train_set.subset(fc.budget_minutes, torch.Generator().manual_seed(fc.seed))
     encoder, transformer = init_student(fc, lambda: speech_model(cfg), state)   # needs no pretraining data
     model = CTCModel(encoder, transformer, len(VOCAB))
@@ -682,10 +685,9 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
         load_state(model.lm_head, {k.removeprefix("lm_head."): v for k, v in state.items() if k.startswith("lm_head.")},
                    "CTC head", Path(fc.init_from))
     model.to(device)
-    minutes = train_set.lengths.sum().item() / SAMPLE_RATE / 60
     steps = fc.epochs * math.ceil(len(train_set) / fc.batch_size)
     frozen_steps = round(fc.freeze * steps)
-    print(f"CTC fine-tuning on {len(train_set)} utterances ({minutes:.1f} min) for {steps} updates "
+    print(f"CTC fine-tuning on {len(train_set)} utterances ({train_set.minutes:.1f} min) for {steps} updates "
           f"(the first {frozen_steps} train the head only), {len(test_set)} test utterances, "
           f"encoder from {fc.init_from}")
 
@@ -732,10 +734,11 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
         # what transcribe.py needs: the weights, the architecture and the letters the head's rows stand for
         save_checkpoint(Path(fc.save), dict(model=model.state_dict(), config=asdict(cfg), vocab=VOCAB))
         print(f"CTC checkpoint: {fc.save}")
-    print(f"test CER {char_err:.4f} | WER {word_err:.4f} (init {fc.init_from}, {minutes:.1f} min of labelled audio, "
-          f"{len(test_set)} utterances of held-out voices)")
+    print(f"test CER {char_err:.4f} | WER {word_err:.4f} (init {fc.init_from}, {train_set.minutes:.1f} min of labelled "
+          f"audio, {len(test_set)} utterances of held-out voices)")
     run_file.finish()
-    return dict(cer=char_err, wer=word_err, n_train=len(train_set), train_minutes=minutes, n_test=len(test_set))
+    return dict(cer=char_err, wer=word_err, n_train=len(train_set), train_minutes=train_set.minutes,
+                n_test=len(test_set))
 
 
 RUNNERS = {"text": run_text, "vision": run_vision, "speech": run_speech}

@@ -222,6 +222,11 @@ class SpeechData:
     def __len__(self) -> int:
         return len(self.waves)
 
+    @property
+    def minutes(self) -> float:
+        """The audio's length in minutes."""
+        return self.lengths.sum().item() / SAMPLE_RATE / 60
+
     def subset(self, minutes: float, generator: torch.Generator) -> "SpeechData":
         """A random subset of the utterances holding at most `minutes` of audio (at least one utterance):
         fine-tuning with a small labelled budget (the paper's 10 min / 1 h / 10 h splits)."""

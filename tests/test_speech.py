@@ -137,8 +137,11 @@ def test_tiny_pretraining_then_ctc_finetuning(speech_corpus, tmp_path, capsys):
     args = ["--modality=speech", f"--train={speech_corpus}", f"--test={valid}", "--epochs=2", "--batch_size=2"]
     for init in (out / "ckpt.pt", "random"):
         assert finetune.main([*args, f"--init_from={init}", f"--out_dir={tmp_path / 'ft'}",
-                              *(["--preset=small"] if init == "random" else [])]) == 0
-        assert "test CER" in capsys.readouterr().out
+                              *(["--preset=small", "--budget_minutes=60"] if init == "random" else [])]) == 0
+        out_text = capsys.readouterr().out
+        assert "test CER" in out_text
+        assert ("--budget_minutes=60: the training set holds 0.1 min, all of which is used" in out_text) == (
+            init == "random")
     assert not (tmp_path / "ft").exists()                      # a finished run leaves no state behind
     wav = str(speech_corpus.parent / "audio" / "train" / "0.wav")
     assert transcribe.main([f"--ckpt={out / 'ckpt.pt'}", wav]) == 1           # pretrained, no letter head

@@ -106,6 +106,22 @@ def test_transcripts_in_words_and_too_few_utterances_raise_data_error(corpus: Pa
         SpeechData(corpus, max_samples=8000).batch(9, torch.Generator())
 
 
+def test_a_labelled_budget_is_a_random_subset_of_at_most_that_many_minutes(corpus: Path):
+    data = SpeechData(corpus, max_samples=16000, targets=True)          # clips of 1,600 x (1 ... 8) samples
+    assert data.minutes == pytest.approx(1600 * 36 / 16000 / 60)
+    budget = 1600 * 10 / 16000 / 60                                     # room for 10 of the 36 units
+    parts = [data.subset(budget, torch.Generator().manual_seed(seed)) for seed in range(6)]
+    for part in parts:
+        assert 0 < part.minutes <= budget and part.lengths.tolist() == [len(w) for w in part.waves]
+        for wave, target in zip(part.waves, part.targets):             # each clip keeps its own transcript
+            i = data.lengths.tolist().index(len(wave))
+            assert torch.equal(wave, data.waves[i]) and torch.equal(target, data.targets[i])
+        assert part.lengths[part.by_length].tolist() == sorted(part.lengths.tolist())
+    assert len({tuple(sorted(p.lengths.tolist())) for p in parts}) > 1  # the seed draws which clips
+    assert len(data.subset(0.0001, torch.Generator()).waves) == 1       # at least one utterance
+    assert data.subset(100, torch.Generator()).minutes == data.minutes
+
+
 def test_normalize_wave():
     wave = normalize_wave(torch.from_numpy(tone(5000)).float())
     assert abs(wave.mean()) < 1e-5 and abs(wave.std(unbiased=False) - 1) < 1e-3
