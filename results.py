@@ -111,9 +111,15 @@ def run_modality(modality: str, rc: ResultsConfig) -> dict:
     return dict(pretrain=pre, rows=rows)
 
 
-def mean_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation; None for a single seed, whose spread is unknown (not 0)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def mean_text(values: list[float], digits: int = 3) -> str:
+    """'mean ± sample standard deviation', or the mean alone for a single seed."""
+    mean, spread = mean_spread(values)
+    return f"{mean:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
 
 
 def hardware() -> str:
@@ -132,16 +138,16 @@ def table(summaries: dict[str, dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for modality, s in summaries.items():
         pre_min = statistics.mean(p["seconds"] for p in s["pretrain"]) / 60
-        loss, loss_sd = mean_spread([p["eval_loss"] for p in s["pretrain"]])
+        loss = mean_text([p["eval_loss"] for p in s["pretrain"]], digits=2)
         tvar = min(p["min_target_var"] for p in s["pretrain"])
-        first = (modality, f"{pre_min:.1f} min per seed, held-out loss {loss:.2f} ± {loss_sd:.2f}, "
-                           f"min target_var {tvar:.2f}")
+        first = (modality, f"{pre_min:.1f} min per seed, held-out loss {loss}, min target_var {tvar:.2f}")
         for name, _, _, higher in DOWNSTREAM[modality]:
             row = s["rows"][name]
-            (pm, ps), (rm, rs) = (mean_spread([r["value"] for r in row[k]]) for k in ("pretrained", "random"))
+            pretrained, random = ([r["value"] for r in row[k]] for k in ("pretrained", "random"))
+            pm, rm = statistics.mean(pretrained), statistics.mean(random)
             better = pm > rm if higher else pm < rm
-            p_text = f"**{pm:.3f} ± {ps:.3f}**" if better else f"{pm:.3f} ± {ps:.3f}"
-            r_text = f"{rm:.3f} ± {rs:.3f}" if better else f"**{rm:.3f} ± {rs:.3f}**"
+            p_text, r_text = mean_text(pretrained), mean_text(random)
+            p_text, r_text = (f"**{p_text}**", r_text) if better else (p_text, f"**{r_text}**")
             minutes = sum(r["seconds"] for k in row for r in row[k]) / 60
             lines.append(f"| {first[0]} | {first[1]} | {name} | {p_text} | {r_text} | {len(row['pretrained'])} | "
                          f"{minutes:.1f} min (downstream, all seeds) |")

@@ -87,3 +87,16 @@ def test_ctrl_c_in_fine_tuning_keeps_the_update_and_the_same_command_resumes(tin
 def test_bad_arguments():
     assert results.main(["--modality=audio"]) == 1
     assert results.main(["--seeds=0"]) == 1
+
+
+def test_one_seed_has_no_spread_in_the_table():
+    """A single seed's spread is unknown: the table gives the value alone, not '± 0.000'; two seeds give the sample
+    standard deviation."""
+    assert results.mean_text([0.5, 0.7]) == "0.600 ± 0.141" and results.mean_text([0.61]) == "0.610"
+    run = lambda value: dict(value=value, seconds=60.0)
+    summary = dict(pretrain=[dict(seconds=120.0, eval_loss=10.5, min_target_var=0.72)],
+                   rows={name: {"pretrained": [run(0.6)], "random": [run(0.5)]}
+                         for name, *_ in results.DOWNSTREAM["vision"]})
+    table = results.table({"vision": summary})
+    assert "held-out loss 10.50, min target_var 0.72" in table and "| **0.600** | 0.500 | 1 |" in table
+    assert "±" not in table
