@@ -585,6 +585,8 @@ def setup_system(cfg: Config) -> tuple[int, int, torch.device, torch.dtype]:
         raise ConfigError(f"--device={cfg.device}: use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device={cfg.device}, but torch sees no CUDA GPU: pass --device=cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device={cfg.device}, but torch sees no Apple GPU (MPS): pass --device=cpu (or auto)")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)   # plain "cuda": each torchrun process its own GPU
     if device.type == "cuda":

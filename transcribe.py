@@ -19,7 +19,7 @@ from ctc import VOCAB, greedy_decode
 from finetune import CTCModel
 from speech_data import audio_samples, load_audio, normalize_wave
 from text_data import DataError
-from train import CheckpointError, Config, load_checkpoint, load_state, speech_model
+from train import CheckpointError, Config, ConfigError, load_checkpoint, load_state, setup_system, speech_model
 
 
 def load_ctc(ckpt: str) -> CTCModel:
@@ -62,16 +62,17 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ckpt", required=True, help="finetune.py --save file, or an official CTC checkpoint "
                         "(save_pretrained folder or hub name, e.g. facebook/data2vec-audio-base-960h)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda, cuda:N or mps")
     parser.add_argument("files", nargs="+", type=Path, help="16 kHz mono audio files (wav, flac, ...)")
     args = parser.parse_args(argv)
     try:
+        _, _, device, _ = setup_system(Config(device=args.device))
         for path in args.files:                       # every file checked before the model loads: fail fast
             audio_samples(path)
-        model = load_ctc(args.ckpt).to(args.device)
+        model = load_ctc(args.ckpt).to(device)
         for path in args.files:
-            print(f"{path}\t{transcribe_file(model, path, torch.device(args.device))}")
-    except (CheckpointError, DataError) as e:
+            print(f"{path}\t{transcribe_file(model, path, device)}")
+    except (CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

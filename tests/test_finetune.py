@@ -262,6 +262,8 @@ def test_transcribe_names_what_a_text_checkpoint_is(pretrained, tmp_path, capsys
     assert transcribe.main([f"--ckpt={ckpt}", str(tmp_path / "a.wav")]) == 1
     assert capsys.readouterr().err == (f"error: {ckpt} is a text checkpoint; transcribe.py needs a speech model "
                                        "fine-tuned for CTC (finetune.py --modality=speech --save=out-ctc/ctc.pt)\n")
+    assert transcribe.main([f"--ckpt={ckpt}", "--device=gpu", str(tmp_path / "a.wav")]) == 1
+    assert capsys.readouterr().err == "error: --device=gpu: use auto, cpu, cuda, cuda:N or mps\n"
 
 
 def test_random_like_a_checkpoint_builds_its_architecture_with_fresh_weights(pretrained):

@@ -102,6 +102,9 @@ def test_preset_then_overrides():
     (["--schedule=step"], "unknown --schedule=step: use tri or cosine"),
     (["--tokenizer=wordpiece"], "unknown --tokenizer=wordpiece: use auto, gpt2, bpe"),
     (["--vocab_size=100"], "--vocab_size=100: a byte-level BPE needs at least 256 types"),
+    *([(["--device=cuda"], "torch sees no CUDA GPU: pass --device=cpu")] if not torch.cuda.is_available() else []),
+    *([(["--device=mps"], "torch sees no Apple GPU (MPS): pass --device=cpu")]
+      if not torch.backends.mps.is_available() else []),
 ])
 def test_config_errors(argv, message, capsys):
     code, err = run(argv, capsys)
