@@ -732,7 +732,11 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     char_err, word_err = transcribe(model, test_set, fc.batch_size, device, autocast)
     if fc.save:
         # what transcribe.py needs: the weights, the architecture and the letters the head's rows stand for
-        save_checkpoint(Path(fc.save), dict(model=model.state_dict(), config=asdict(cfg), vocab=VOCAB))
+        try:
+            save_checkpoint(Path(fc.save), dict(model=model.state_dict(), config=asdict(cfg), vocab=VOCAB))
+        except CheckpointError as e:            # the run's state at its last update is still on disk
+            raise CheckpointError(f"{e}. The trained model is kept in {run_file.path}: the same command with --resume "
+                                  "writes --save without training again") from None
         print(f"CTC checkpoint: {fc.save}")
     print(f"test CER {char_err:.4f} | WER {word_err:.4f} (init {fc.init_from}, {train_set.minutes:.1f} min of labelled "
           f"audio, {len(test_set)} utterances of held-out voices)")

@@ -178,6 +178,25 @@ def test_ctrl_c_saves_ctc_fine_tuning_and_resume_ends_where_the_straight_run_doe
     assert not out_dir.exists()
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_a_failed_save_keeps_the_trained_model_and_resume_writes_it(speech_corpus, tmp_path, monkeypatch, capsys):
+    """--save's file cannot be written (it goes to /dev/full, a device that is always full): the run's state at its
+    last update stays, and --resume writes --save without training again."""
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, "/dev/full" if str(f).endswith("ctc.tmp") else f))
+    args = ["--modality=speech", "--init_from=random", "--preset=small", f"--train={speech_corpus}",
+            f"--test={speech_corpus.with_name('valid.tsv')}", "--epochs=1", "--batch_size=2",
+            f"--out_dir={tmp_path / 'ft'}", f"--save={tmp_path / 'ctc.pt'}"]
+    assert finetune.main(args) == 1
+    assert capsys.readouterr().err.endswith(f"The trained model is kept in {tmp_path / 'ft' / 'state.pt'}: the same "
+                                            "command with --resume writes --save without training again\n")
+    monkeypatch.setattr(torch, "save", save)
+    assert finetune.main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "ctc loss" not in out and f"CTC checkpoint: {tmp_path / 'ctc.pt'}" in out       # no update trained again
+    assert transcribe.load_ctc(str(tmp_path / "ctc.pt")) is not None and not (tmp_path / "ft").exists()
+
+
 def test_a_non_finite_ctc_loss_stops_at_once(speech_corpus, tmp_path, monkeypatch, capsys):
     assert train.main([*TINY, f"--data={speech_corpus}", "--max_iters=1", f"--out_dir={tmp_path / 'pre'}"]) == 0
     nan_loss_from_call(monkeypatch, "ctc_loss", 2)
