@@ -620,15 +620,23 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def rank0_verdict(failure: Exception | None) -> None:
-    """Raise rank 0's failure in every process (failure: what rank 0 found, None elsewhere), so a problem only rank 0
-    can see stops them all with its message, not the others with a broken connection."""
+def on_rank0(work: Callable[[], T], master: bool, errors: tuple[type[Exception], ...]) -> T | None:
+    """Run `work` in rank 0 only (master) and return its result there (None elsewhere). One of `errors` raised by it
+    is raised in every process, so a problem only rank 0 can see stops them all with its message, not the others
+    with a broken connection."""
+    result, failure = None, None
+    if master:
+        try:
+            result = work()
+        except errors as e:
+            failure = e
     if dist.is_initialized():
         verdict = [failure]
         dist.broadcast_object_list(verdict, src=0)
         failure = verdict[0]
     if failure is not None:
         raise failure
+    return result
 
 
 def any_process(flag: bool, device: torch.device) -> bool:
@@ -716,15 +724,12 @@ def hold_dir(path: Path, flag: str, master: bool = True) -> Iterator[None]:
     folder stops with one line instead of overwriting this one's files, and a crash leaves no lock behind. A folder
     that this hold created and the run left empty (it failed before its first save) is removed. Under torchrun rank 0
     (master) holds it and every process stops on its verdict."""
-    fd, failure, created = None, None, False
-    if master:
-        try:
-            created = not path.exists()
-            make_dir(path, flag)
-            fd = lock_dir(path, flag)
-        except ConfigError as e:
-            failure = e
-    rank0_verdict(failure)
+    def take() -> int | None:
+        make_dir(path, flag)
+        return lock_dir(path, flag)
+
+    created = master and not path.exists()
+    fd = on_rank0(take, master, (ConfigError,))
     try:
         yield
     finally:
@@ -862,13 +867,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
         check_compatible(ckpt, cfg, ckpt_path)
 
     # ---- data (rank 0 prepares, the others wait) ----
-    failure = None
-    if master:
-        try:
-            task = TASKS[cfg.modality](cfg, prepare=True)
-        except (ConfigError, DataError) as e:
-            failure = e
-    rank0_verdict(failure)
+    task = on_rank0(lambda: TASKS[cfg.modality](cfg, prepare=True), master, (ConfigError, DataError))
     if not master:
         task = TASKS[cfg.modality](cfg, prepare=False)
 
@@ -1001,14 +1000,9 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
                 t0 = time.time()
                 if step == cfg.max_iters:
                     held_out()
-                st = state()
-                failure = None
-                if master:
-                    try:
-                        save_checkpoint(ckpt_path, st)
-                    except CheckpointError as e:        # a full disk: every process stops with rank 0's message
-                        failure = e
-                rank0_verdict(failure)
+                st = state()                        # a collective: every process gathers its RNG state
+                # a full disk: every process stops with rank 0's message
+                on_rank0(lambda: save_checkpoint(ckpt_path, st), master, (CheckpointError,))
                 t_last += time.time() - t0
             if stop:
                 break
