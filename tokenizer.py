@@ -27,6 +27,7 @@ import tiktoken
 PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<mask>")
 KINDS = ("auto", "gpt2", "bpe")
+N_BYTES = 256       # a byte-level BPE's first ranks: one per byte, so every text encodes
 GPT2_FILES = (  # what tiktoken downloads for "gpt2"; it caches each under sha1(url)
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
     "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
@@ -57,12 +58,12 @@ def train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
     touches the words that contain the pair (found through a pair -> words index), and a max-heap with lazy deletion
     finds the most frequent pair (ties: the smaller pair of ids). No recount per merge, so 8k merges take seconds.
     """
-    if vocab_size < 256:
-        raise ValueError(f"vocab_size must be at least 256 (the byte tokens), got {vocab_size}")
+    if vocab_size < N_BYTES:
+        raise ValueError(f"vocab_size must be at least {N_BYTES} (the byte tokens), got {vocab_size}")
     counts = Counter(regex.findall(PAT_STR, text))
     words = [list(w.encode("utf-8")) for w in counts]  # each distinct pre-token as a list of token ids
     freqs = list(counts.values())
-    token_bytes = [bytes([i]) for i in range(256)]
+    token_bytes = [bytes([i]) for i in range(N_BYTES)]
     ranks = {t: i for i, t in enumerate(token_bytes)}
 
     pair_counts: dict[tuple[int, int], int] = defaultdict(int)

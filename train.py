@@ -307,14 +307,16 @@ def usage(doc: str, config: object, also: tuple[type, ...] = ()) -> str:
 
 # Where each number must lie, checked before anything runs (check_numbers): the counts ...
 COUNTS = ("batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval", "ckpt_interval", "block_size",
-          "img_size", "patch_size", "conv_dim", "pos_conv_kernel", "pos_conv_groups", "max_samples")
+          "img_size", "patch_size", "conv_dim", "pos_conv_kernel", "pos_conv_groups", "max_samples", "mask_span",
+          "token_span")
 # ... and the other numbers, each in one of these ranges
 IN_0_1, ABOVE_0_TO_1, BELOW_1, ABOVE_0, AT_LEAST_0 = "in [0, 1]", "in (0, 1]", "in [0, 1)", "above 0", "of at least 0"
 WITHIN = {IN_0_1: lambda x: 0 <= x <= 1, ABOVE_0_TO_1: lambda x: 0 < x <= 1, BELOW_1: lambda x: 0 <= x < 1,
           ABOVE_0: lambda x: x > 0, AT_LEAST_0: lambda x: x >= 0}
 LIMITS = {
     **dict.fromkeys(("dropout", "attn_dropout", "act_dropout", "layerdrop", "drop_path", "beta1", "beta2"), BELOW_1),
-    **dict.fromkeys(("tau_0", "tau_e", "warmup", "hold"), IN_0_1),
+    **dict.fromkeys(("tau_0", "tau_e", "warmup", "hold", "mask_replace", "mask_random"), IN_0_1),
+    **dict.fromkeys(("mask_prob", "mask_ratio"), ABOVE_0_TO_1),
     **dict.fromkeys(("lr", "adam_eps", "ln_eps"), ABOVE_0),
     **dict.fromkeys(("min_lr", "weight_decay", "grad_clip", "loss_beta", "layer_scale", "tau_n", "min_mask_patches",
                      "pos_conv_layers"), AT_LEAST_0),
@@ -357,8 +359,6 @@ def parse_args(argv: list[str]) -> Config:
         check_depth(sub_config(TargetConfig, cfg), sub_config(TransformerConfig, cfg).n_layer)
     except ValueError as e:
         raise ConfigError(f"bad setting: {e}") from None
-    if not 0 < cfg.mask_ratio <= 1:
-        raise ConfigError(f"--mask_ratio={cfg.mask_ratio}: the masked share of the patches, in (0, 1]")
     if cfg.positions not in ("absolute", "relative"):
         raise ConfigError(f"unknown --positions={cfg.positions}: use absolute or relative")
     if cfg.positions == "relative" and cfg.modality != "text":
@@ -366,16 +366,14 @@ def parse_args(argv: list[str]) -> Config:
                           "speech its positional convolution")
     if cfg.tokenizer not in tokenizer.KINDS:
         raise ConfigError(f"unknown --tokenizer={cfg.tokenizer}: use {', '.join(tokenizer.KINDS)}")
-    if cfg.tokenizer != "gpt2" and cfg.vocab_size < 256:
-        raise ConfigError(f"--vocab_size={cfg.vocab_size}: a byte-level BPE needs at least 256 types, one per byte")
+    if cfg.tokenizer != "gpt2" and cfg.vocab_size < tokenizer.N_BYTES:
+        raise ConfigError(f"--vocab_size={cfg.vocab_size}: a byte-level BPE needs at least {tokenizer.N_BYTES} types, "
+                          "one per byte")
     if cfg.objective not in ("data2vec", "mlm"):
         raise ConfigError(f"unknown --objective={cfg.objective}: use data2vec or mlm")
     if cfg.objective == "mlm" and cfg.modality != "text":
         raise ConfigError("--objective=mlm is the text baseline (token cross-entropy); use it with --modality=text")
-    if min(cfg.mask_span, cfg.token_span) < 1 or not 0 < cfg.mask_prob <= 1:
-        raise ConfigError(f"--mask_prob={cfg.mask_prob} --mask_span={cfg.mask_span} --token_span={cfg.token_span}: "
-                          f"need 0 < mask_prob <= 1 and spans of at least 1 step")
-    if min(cfg.mask_replace, cfg.mask_random) < 0 or cfg.mask_replace + cfg.mask_random > 1:
+    if cfg.mask_replace + cfg.mask_random > 1:
         raise ConfigError(f"--mask_replace={cfg.mask_replace} --mask_random={cfg.mask_random}: shares of the masked "
                           f"tokens, each >= 0 and together <= 1 (BERT: 0.8 and 0.1)")
     if not cfg.out_dir:
