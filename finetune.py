@@ -45,7 +45,7 @@ import hf
 from ctc import BLANK, VOCAB, cer, greedy_decode, ids_to_text, wer
 from data2vec import Data2Vec
 from masking import span_mask
-from speech_data import Batch, SpeechData, prepare_speech
+from speech_data import CORPUS_DIR, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, ROOT, TASKS, Config, CheckpointError,
                    ConfigError, Interrupted, PRESETS, check_compatible, check_numbers, hold_dir, load_checkpoint,
@@ -668,11 +668,10 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
         raise ConfigError("speech has --mode=finetune only (CTC)")
     if bool(fc.train) != bool(fc.test):
         raise ConfigError("pass both --train and --test (manifests with .ltr transcripts), or neither for the default")
-    corpus = ROOT / "data" / "speech"
     if not fc.train:
-        prepare_speech(corpus)
-    train_set = SpeechData(Path(fc.train) if fc.train else corpus / "train.tsv", fc.max_samples, targets=True)
-    test_set = SpeechData(Path(fc.test) if fc.test else corpus / "test.tsv", fc.max_samples, targets=True)
+        prepare_speech(CORPUS_DIR)
+    train_set = SpeechData(Path(fc.train) if fc.train else CORPUS_DIR / "train.tsv", fc.max_samples, targets=True)
+    test_set = SpeechData(Path(fc.test) if fc.test else CORPUS_DIR / "test.tsv", fc.max_samples, targets=True)
     if fc.budget_minutes > 0:
         if fc.budget_minutes >= train_set.minutes:
             print(f"--budget_minutes={fc.budget_minutes:g}: the training set holds {train_set.minutes:.1f} min, all "

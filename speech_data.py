@@ -44,6 +44,7 @@ except ImportError:             # Windows: no such guard
     fcntl = None
 
 SAMPLE_RATE = 16000
+CORPUS_DIR = Path(__file__).resolve().parent / "data" / "speech"      # where the espeak-ng corpus is built
 MIN_SAMPLES = 400  # receptive field of the base feature encoder (25 ms): a shorter clip gives no frame at all
 
 
@@ -346,7 +347,7 @@ def _speak(job: dict, out_dir: Path) -> float:
 
 
 def prepare_speech(
-    out_dir: Path = Path(__file__).parent / "data" / "speech",
+    out_dir: Path = CORPUS_DIR,
     n_utts: int = 1200,
     n_test: int = 200,
     n_test_voices: int = 16,
@@ -442,10 +443,14 @@ def _synthesise(out_dir: Path, n_utts: int, n_test: int, n_test_voices: int, cor
     stats["build_seconds"] = round(time.time() - t0, 1)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     tmp.rename(out_dir)
-    print(f"speech corpus ready in {stats['build_seconds']:.0f}s: " + ", ".join(
-        f"{s} {stats[s]['utterances']} utterances / {stats[s]['hours'] * 60:.1f} min / {len(stats[s]['voices'])} voices"
-        for s in ("train", "test")))
+    print(f"speech corpus ready in {stats['build_seconds']:.0f}s: {corpus_summary(stats)}")
     return stats
+
+
+def corpus_summary(stats: dict) -> str:
+    """One line on a built corpus, from its stats.json."""
+    return ", ".join(f"{s} {stats[s]['utterances']} utterances / {stats[s]['hours'] * 60:.1f} min / "
+                     f"{len(stats[s]['voices'])} voices" for s in ("train", "test"))
 
 
 USAGE = ("usage: python speech_data.py [OUT_DIR]                    the espeak-ng corpus (data/speech)\n"
@@ -465,7 +470,11 @@ def main(argv: list[str]) -> int:
         if len(argv) == 3:
             print(librispeech_manifest(Path(argv[0]), Path(argv[1]), argv[2]))
         elif len(argv) <= 1:
-            prepare_speech(*(Path(a) for a in argv))
+            out_dir = Path(argv[0]) if argv else CORPUS_DIR
+            built = (out_dir / "stats.json").is_file()
+            stats = prepare_speech(out_dir)
+            if built:                                 # a fresh build has just said so itself
+                print(f"{out_dir} is up to date: {corpus_summary(stats)}")
         else:
             print(USAGE, file=sys.stderr)
             return 2

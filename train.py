@@ -37,7 +37,7 @@ from data2vec import Data2Vec, EMATeacher, TargetConfig, check_depth, collapse_s
 from encoders import ConvFeatureExtractor, PatchEncoder, SpeechEncoder, TextEncoder, conv_output_lengths
 from masking import bert_mask, block_mask, span_mask
 from mlm import MaskedLM
-from speech_data import MIN_SAMPLES, SpeechData, prepare_speech
+from speech_data import CORPUS_DIR, MIN_SAMPLES, SpeechData, prepare_speech
 from text_data import DataError, TextPretrainData, prepare_text
 from transformer import TransformerConfig
 from vision_data import ImageData
@@ -486,7 +486,7 @@ class SpeechTask:
         if cfg.data:
             train_tsv = Path(cfg.data)
         else:
-            train_tsv = ROOT / "data" / "speech" / "train.tsv"
+            train_tsv = CORPUS_DIR / "train.tsv"
             if prepare:
                 prepare_speech(train_tsv.parent)
         held_out = [p for p in (train_tsv.with_name("valid.tsv"), train_tsv.with_name("test.tsv")) if p.is_file()]

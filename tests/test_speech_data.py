@@ -227,6 +227,18 @@ def test_tiny_espeak_corpus(tmp_path: Path):
     assert len(data) == 2 and data.lengths.min() > 16000 // 2                 # 3+ words last over half a second
 
 
+def test_command_line_on_a_built_corpus_says_what_it_holds(tmp_path, capsys):
+    """`python speech_data.py` on a corpus built before prints one line on it instead of nothing."""
+    out = tmp_path / "speech"
+    out.mkdir()
+    stats = {s: {"utterances": n, "hours": h, "voices": ["en+m1", "en+f1"][:v]}
+             for s, n, h, v in (("train", 3, 0.05, 2), ("test", 1, 0.01, 1))}
+    (out / "stats.json").write_text(json.dumps(stats))
+    assert speech_data.main([str(out)]) == 0
+    assert capsys.readouterr().out == (f"{out} is up to date: train 3 utterances / 3.0 min / 2 voices, "
+                                       "test 1 utterances / 0.6 min / 1 voices\n")
+
+
 def test_command_line_help_and_bad_arguments(tmp_path, monkeypatch, capsys):
     """--help explains; a flag or the wrong number of arguments gets the usage; none of them builds a corpus."""
     monkeypatch.chdir(tmp_path)
