@@ -47,7 +47,7 @@ from data2vec import Data2Vec
 from masking import span_mask
 from speech_data import CORPUS_DIR, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
-from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, ROOT, TASKS, Config, CheckpointError,
+from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, TASKS, Config, CheckpointError,
                    ConfigError, Interrupted, PRESETS, check_compatible, check_numbers, hold_dir, load_checkpoint,
                    load_state, lr_at, make_dir, out_of_memory, parse_overrides, rng_state, save_checkpoint,
                    set_rng_state, setup_system, speech_model, split_help, stop_requests, text_data_dir, usage)

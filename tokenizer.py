@@ -17,8 +17,8 @@ import os
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import regex  # installed with tiktoken; unlike `re` it knows \p{L} and \p{N}
 import tiktoken
