@@ -70,7 +70,7 @@ class FinetuneConfig:
     data: str = ""              # vision: an image folder (root/<class>/...); '' = the checkpoint's pretraining data
     max_len: int = 128
     epochs: int = 3
-    batch_size: int = 32
+    batch_size: int = 32         # also the frozen encoder's batch for the probe's features (its classifier: 8x)
     lr: float = 1e-4            # fine-tune; the probe uses probe_lr. RoBERTa sweeps {1, 2, 4, 6}e-5 at base size
     probe_lr: float = 1e-2
     probe_epochs: int = 100
@@ -516,9 +516,9 @@ def probe(model: Probed, fc: FinetuneConfig, x_train: torch.Tensor, y_train: tor
     model.eval()
     t0 = time.time()
     print(f"features of {len(x_train) + len(x_test)} examples from the frozen encoder ...", end="", flush=True)
-    with torch.no_grad(), autocast:
-        f_train = torch.cat([model.features(view(x_train[i:i + 64], None)).float() for i in range(0, len(x_train), 64)])
-        f_test = torch.cat([model.features(view(x_test[i:i + 64], None)).float() for i in range(0, len(x_test), 64)])
+    with torch.no_grad(), autocast:        # --batch_size examples at a time, so a lower one needs less memory
+        f_train, f_test = (torch.cat([model.features(view(b, None)).float() for b in x.split(fc.batch_size)])
+                           for x in (x_train, x_test))                      # (N, D) each
     print(f" {f_train.shape[1]} each, in {time.time() - t0:.0f}s")
     mean, std = f_train.mean(0), f_train.std(0) + 1e-6                 # (D,), f_train: (N, D)
     f_train, f_test = (f_train - mean) / std, (f_test - mean) / std

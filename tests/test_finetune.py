@@ -54,6 +54,22 @@ def test_modes_report_accuracy(pretrained, mode, tmp_path, capsys):
     assert not (tmp_path / "ft").exists()                      # a finished run leaves no state behind
 
 
+def test_the_probe_reads_batch_size_examples_at_a_time(pretrained, monkeypatch):
+    """Out of memory names --batch_size as the fix, so the frozen encoder's features follow it too."""
+    ckpt, tmp = pretrained
+    features, sizes = finetune.Classifier.features, []
+
+    def recorded(self, source):
+        sizes.append(len(source))
+        return features(self, source)
+
+    monkeypatch.setattr(finetune.Classifier, "features", recorded)
+    args = [f"--init_from={ckpt}", "--mode=probe", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}",
+            "--max_len=32", "--probe_epochs=1", "--batch_size=5"]
+    result = finetune.run(finetune.FinetuneConfig(**train.parse_overrides(finetune.FinetuneConfig, args)))
+    assert max(sizes) == 5 and sum(sizes) == result["n_train"] + result["n_test"]
+
+
 def signal_at_update(monkeypatch: pytest.MonkeyPatch, update: int) -> None:
     """Send SIGINT twice (the same Ctrl-C, from the terminal and a launcher) while update `update` is computed: its
     gradient clipping is the signal."""
