@@ -70,7 +70,7 @@ class FinetuneConfig:
     data: str = ""              # vision: an image folder (root/<class>/...); '' = the checkpoint's pretraining data
     max_len: int = 128
     epochs: int = 3
-    batch_size: int = 32         # also the frozen encoder's batch for the probe's features (its classifier: 8x)
+    batch_size: int = 32        # also the frozen encoder's batch for the probe's features (its classifier: 8x)
     lr: float = 1e-4            # fine-tune; the probe uses probe_lr. RoBERTa sweeps {1, 2, 4, 6}e-5 at base size
     probe_lr: float = 1e-2
     probe_epochs: int = 100
