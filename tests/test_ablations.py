@@ -6,13 +6,20 @@ the paper's direction on the topic task; on the digits and the hidden Markov tas
 scale (README, "Settings").
 """
 
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 import ablations
 from ablations import pretrain, probe_accuracy
+from tests.parallel import in_parallel
 from train import PRESETS
+
+
+def probed(out: Path, **overrides) -> float:
+    """Linear-probe accuracy after a tiny digits pretraining run into out."""
+    return probe_accuracy(pretrain(out, **overrides)["path"])
 
 
 @pytest.mark.slow
@@ -21,9 +28,10 @@ def test_without_target_normalisation_the_targets_collapse(tmp_path):
     per block and of the average (the vision recipe) 0.795, 0.800 (seed 2 not run); with target_norm=none and
     final_norm=none 0.279, 0.306, 0.286. Forcing no normalisation on both sides fails the first assertion."""
     layer_scale = PRESETS["vision"]["small"]["layer_scale"]
-    normalised = pretrain(tmp_path / "norm", layer_scale=layer_scale)["history"]["target_var"]
-    raw = pretrain(tmp_path / "raw", layer_scale=layer_scale, target_norm="none", final_norm="none")
-    assert min(normalised) > 0.6
+    normalised, raw = in_parallel(partial(pretrain, tmp_path / "norm", layer_scale=layer_scale),
+                                  partial(pretrain, tmp_path / "raw", layer_scale=layer_scale, target_norm="none",
+                                          final_norm="none"))
+    assert min(normalised["history"]["target_var"]) > 0.6
     assert min(raw["history"]["target_var"]) < 0.45
 
 
@@ -33,8 +41,7 @@ def test_attention_output_targets_give_a_worse_model(tmp_path: Path):
     K blocks (the same seed, so the same initialisation, batches and masks), seeds 0, 1, 2: FFN 0.680, 0.713, 0.655;
     attention 0.596, 0.649, 0.607 (a random encoder: 0.557); gaps 0.084, 0.064, 0.047. Forcing attention targets on
     both sides makes the gap exactly 0 (the runs are deterministic) and fails the assertion."""
-    ffn = probe_accuracy(pretrain(tmp_path / "ffn", target_layer="ffn")["path"])
-    attn = probe_accuracy(pretrain(tmp_path / "attn", target_layer="attn")["path"])
+    ffn, attn = in_parallel(*(partial(probed, tmp_path / layer, target_layer=layer) for layer in ("ffn", "attn")))
     assert ffn - attn > 0.03, (ffn, attn)
 
 
@@ -46,8 +53,8 @@ def test_averaging_the_top_k_blocks_beats_the_top_block_alone():
     K = 4: 0.637, 0.537, 0.672, 0.805, 0.634, 0.743; K = 1: 0.577, 0.454, 0.533, 0.715, 0.638, 0.704 (seeds 0-5;
     an untrained student 0.507-0.547). Per seed the gap is -0.004 to +0.139; over seeds 0 and 1, asserted here, 0.071.
     Forcing K = 1 on both sides makes the gap exactly 0 (the runs are deterministic) and fails the assertion."""
-    k4 = sum(ablations.hmm_run(seed, top_k=4)["accuracy"] for seed in (0, 1)) / 2
-    k1 = sum(ablations.hmm_run(seed, top_k=1)["accuracy"] for seed in (0, 1)) / 2
+    runs = in_parallel(*(partial(ablations.hmm_run, seed, top_k=k) for k in (4, 1) for seed in (0, 1)))
+    k4, k1 = (sum(run["accuracy"] for run in pair) / 2 for pair in (runs[:2], runs[2:]))
     assert k4 - k1 > 0.03, (k4, k1)
 
 
@@ -62,8 +69,8 @@ def test_contextualised_targets_beat_a_local_teacher():
     the token itself (window 1) is the one local teacher that comes close: gaps -0.058 to +0.076, mean +0.018,
     positive at 8 seeds of 10 (README, "Settings"). Forcing the window on both sides makes the gap exactly 0 (the
     runs are deterministic) and fails the assertion."""
-    whole = sum(ablations.topic_run(seed)["accuracy"] for seed in (0, 1)) / 2
-    local = sum(ablations.topic_run(seed, teacher_context=3)["accuracy"] for seed in (0, 1)) / 2
+    runs = in_parallel(*(partial(ablations.topic_run, seed, teacher_context=w) for w in (0, 3) for seed in (0, 1)))
+    whole, local = (sum(run["accuracy"] for run in pair) / 2 for pair in (runs[:2], runs[2:]))
     assert whole - local > 0.1, (whole, local)
 
 
