@@ -17,10 +17,15 @@ def in_parallel(*calls: Callable[[], T]) -> list[T]:
     """The results of calls (picklable: module-level functions or functools.partial of them), in order. They run in
     as many worker processes as there are cores, each with one torch thread (one core: here, one after another).
     The workers are spawned, not forked, so none inherits the test process's thread pools or random state."""
-    workers = min(len(calls), os.cpu_count() or 1)
+    workers = min(len(calls), cores())
     if workers == 1:
         return [call() for call in calls]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
         futures = [pool.submit(call) for call in calls]
         return [f.result() for f in futures]
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system has one), not all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
