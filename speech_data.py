@@ -364,12 +364,19 @@ def prepare_speech(
     """
     out_dir = Path(out_dir)
     if (out_dir / "stats.json").is_file():
-        return json.loads((out_dir / "stats.json").read_text())
+        return built_corpus(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with one_at_a_time(out_dir.with_name(out_dir.name + ".lock"), f"synthesising {out_dir}"):
         if (out_dir / "stats.json").is_file():                              # the other process has just built it
-            return json.loads((out_dir / "stats.json").read_text())
+            return built_corpus(out_dir)
         return _synthesise(out_dir, n_utts, n_test, n_test_voices, corpus, seed)
+
+
+def built_corpus(out_dir: Path) -> dict:
+    """The statistics of a corpus built before, saying so (as prepare_text does)."""
+    stats = json.loads((out_dir / "stats.json").read_text())
+    print(f"prepare_speech: {out_dir} is up to date ({corpus_summary(stats)})")
+    return stats
 
 
 @contextmanager
@@ -470,11 +477,7 @@ def main(argv: list[str]) -> int:
         if len(argv) == 3:
             print(librispeech_manifest(Path(argv[0]), Path(argv[1]), argv[2]))
         elif len(argv) <= 1:
-            out_dir = Path(argv[0]) if argv else CORPUS_DIR
-            built = (out_dir / "stats.json").is_file()
-            stats = prepare_speech(out_dir)
-            if built:                                 # a fresh build has just said so itself
-                print(f"{out_dir} is up to date: {corpus_summary(stats)}")
+            prepare_speech(*(Path(a) for a in argv))
         else:
             print(USAGE, file=sys.stderr)
             return 2

@@ -198,7 +198,7 @@ def test_a_second_process_waits_for_the_corpus_being_built_and_uses_it(tmp_path:
     """Two runs started at once on a fresh clone: the second must not build the corpus again over the first one's
     half-written files. The test holds the lock as the first builder would, then 'finishes' a build."""
     out = tmp_path / "speech"
-    built = {"train": {"utterances": 2}, "test": {"utterances": 1}}
+    built = {s: {"utterances": n, "hours": 0.01, "voices": ["en+m1"]} for s, n in (("train", 2), ("test", 1))}
     code = ("import json, sys; from pathlib import Path; from speech_data import prepare_speech; "
             "print(json.dumps(prepare_speech(Path(sys.argv[1]))))")
     with one_at_a_time(tmp_path / "speech.lock", "building it"):
@@ -212,7 +212,10 @@ def test_a_second_process_waits_for_the_corpus_being_built_and_uses_it(tmp_path:
             second.kill()
             raise
     stdout, _ = second.communicate(timeout=120)
-    assert second.returncode == 0 and json.loads(stdout) == built
+    found, returned = stdout.splitlines()
+    assert second.returncode == 0 and json.loads(returned) == built
+    assert found == f"prepare_speech: {out} is up to date (train 2 utterances / 0.6 min / 1 voices, test 1 utterances " \
+                    "/ 0.6 min / 1 voices)"
 
 
 @pytest.mark.slow
@@ -235,8 +238,8 @@ def test_command_line_on_a_built_corpus_says_what_it_holds(tmp_path, capsys):
              for s, n, h, v in (("train", 3, 0.05, 2), ("test", 1, 0.01, 1))}
     (out / "stats.json").write_text(json.dumps(stats))
     assert speech_data.main([str(out)]) == 0
-    assert capsys.readouterr().out == (f"{out} is up to date: train 3 utterances / 3.0 min / 2 voices, "
-                                       "test 1 utterances / 0.6 min / 1 voices\n")
+    assert capsys.readouterr().out == (f"prepare_speech: {out} is up to date (train 3 utterances / 3.0 min / 2 "
+                                       "voices, test 1 utterances / 0.6 min / 1 voices)\n")
 
 
 def test_command_line_help_and_bad_arguments(tmp_path, monkeypatch, capsys):
