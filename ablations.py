@@ -6,6 +6,7 @@ show at this scale.
     python ablations.py --settings=recipe,local --iters=600   # longer runs
     python ablations.py --task=hmm --settings=recipe,k1,local   # the hidden Markov task
     python ablations.py --task=topic --settings=recipe,local    # the topic task
+    python ablations.py --jobs=1                        # one run after another (default: side by side, one per core)
 
 digits: tiny vision pretraining runs on the embedded digits, each scored by a linear probe on the held-out digits.
 Each run is the small vision recipe shortened to 200 updates of 32 images (~45 s on one core), with the layer scale
@@ -26,12 +27,18 @@ topic from the final output at every interior step.
 
 import contextlib
 import io
+import multiprocessing
+import os
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +76,8 @@ class AblationConfig:
     seeds: int = 3
     iters: int = 0                         # updates per pretraining run; 0 = the task's (digits 200, hmm 600,
                                            # topic 1200)
+    jobs: int = 0                          # runs side by side, one torch thread each; 0 = one per core,
+                                           # 1 = one after another on all threads (the same numbers either way)
 
 
 def pretrain(out: Path, **overrides) -> dict:
@@ -83,6 +92,74 @@ def probe_accuracy(ckpt: Path, seed: int = 0) -> float:
     with contextlib.redirect_stdout(io.StringIO()):
         fc = finetune.FinetuneConfig(modality="vision", init_from=str(ckpt), mode="probe", seed=seed)
         return finetune.run(fc)["accuracy"]
+
+
+def digits_run(out: Path, seed: int, iters: int = TINY["max_iters"], **overrides) -> dict:
+    """The digits task: pretrain TINY into out, then probe -> probe accuracy, min target_var."""
+    ckpt = pretrain(out, seed=seed, max_iters=iters, **overrides)
+    return dict(accuracy=probe_accuracy(ckpt["path"], seed), min_target_var=min(ckpt["history"]["target_var"]))
+
+
+# ---- running independent runs side by side ---------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def in_parallel(calls: Sequence[Callable[[], T]], jobs: int = 0) -> Iterator[T]:
+    """The results of calls, in order, each as soon as it and the calls before it are done. The calls must pickle
+    (module-level functions, or functools.partial of them) and seed their own randomness, as every run here does.
+    They run in jobs worker processes (0: one per core this process may use), one torch thread each: the tiny models
+    here use a second thread poorly (on 2 cores two topic_runs side by side take 65 s, one after the other at two
+    threads 96 s), and the results are the same. One job, or one call, runs here, one after another. The workers are
+    spawned, not forked, so none inherits this process's thread pools or random state."""
+    workers = min(len(calls), jobs or cores())
+    if workers <= 1:
+        yield from (call() for call in calls)
+        return
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=start_worker, initargs=(os.getpid(),))
+    try:
+        futures = {pool.submit(call): i for i, call in enumerate(calls)}
+        results, next_i = {}, 0
+        for f in as_completed(futures):
+            results[futures[f]] = f.result()                # a failed run raises here, whichever it is
+            while next_i in results:
+                yield results.pop(next_i)
+                next_i += 1
+    except BaseException:               # a run failed, Ctrl-C, or the caller stopped reading: end the runs still going
+        for worker in set(multiprocessing.active_children()) - before:
+            worker.kill()
+        raise
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def start_worker(parent: int) -> None:
+    """A worker's set-up: one torch thread; a process group of its own, so that Ctrl-C at the terminal reaches only
+    the parent, which ends the workers; and a watch on the parent, so that a worker whose parent was killed ends too
+    instead of waiting for runs forever."""
+    torch.set_num_threads(1)
+    if hasattr(os, "setpgrp"):
+        os.setpgrp()
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:                 # an orphan's parent becomes another process
+        time.sleep(1)
+    os._exit(1)
+
+
+def cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system has one), not all the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def timed(call: Callable[[], T]) -> tuple[T, float]:
+    """call() and the seconds it took, measured where it runs."""
+    t0 = time.time()
+    return call(), time.time() - t0
 
 
 # ---- the sequence tasks: hidden Markov and topic (and the pieces tests/test_context.py shares) ----------------------
@@ -229,26 +306,31 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"unknown setting {unknown[0]!r}: choose from {', '.join(SETTINGS)}")
         if ac.task not in RECIPES:
             raise ConfigError(f"unknown task {ac.task!r}: choose from {', '.join(RECIPES)}")
-        if ac.iters < 0 or ac.seeds < 1:
-            raise ConfigError("--iters and --seeds take a positive number (--iters=0: the task's default)")
+        if ac.iters < 0 or ac.seeds < 1 or ac.jobs < 0:
+            raise ConfigError("--iters, --seeds and --jobs take a positive number (--iters=0: the task's default; "
+                              "--jobs=0: one per core)")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     iters = ac.iters or {"digits": TINY["max_iters"], "hmm": HMM_ITERS, "topic": TOPIC_ITERS}[ac.task]
+    runs = [(seed, name) for seed in range(ac.seeds) for name in names]
+    jobs = min(len(runs), ac.jobs or cores())
+    print(f"{len(runs)} {ac.task} runs of {iters} updates, " +
+          ("one after another" if jobs == 1 else f"{jobs} side by side, one thread each"), flush=True)
     rows = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(ac.seeds):
-            for name in names:
-                t0 = time.time()
-                if ac.task in ("hmm", "topic"):
-                    run = (hmm_run if ac.task == "hmm" else topic_run)(seed, iters, **SETTINGS[name][1])
-                else:
-                    ckpt = pretrain(Path(tmp) / f"{name}{seed}", seed=seed, max_iters=iters, **SETTINGS[name][1])
-                    run = dict(accuracy=probe_accuracy(ckpt["path"], seed),
-                               min_target_var=min(ckpt["history"]["target_var"]))
+        task = dict(hmm=hmm_run, topic=topic_run).get(ac.task)
+        calls = [partial(timed, partial(task, seed, iters, **SETTINGS[name][1]) if task else
+                         partial(digits_run, Path(tmp) / f"{name}{seed}", seed, iters, **SETTINGS[name][1]))
+                 for seed, name in runs]
+        try:
+            for (seed, name), (run, seconds) in zip(runs, in_parallel(calls, jobs)):
                 rows[name].append(run["accuracy"])
-                print(f"{name:7s} seed {seed}: probe {run['accuracy']:.3f}, min target_var {run['min_target_var']:.3f} "
-                      f"({time.time() - t0:.0f} s)", flush=True)
+                print(f"{name:7s} seed {seed}: probe {run['accuracy']:.3f}, min target_var "
+                      f"{run['min_target_var']:.3f} ({seconds:.0f} s)", flush=True)
+        except KeyboardInterrupt:
+            print("interrupted: the runs finished so far are above; none is kept", file=sys.stderr)
+            return 130
     print(f"\n| {ac.task}, {iters} updates | " + " | ".join(f"seed {s}" for s in range(ac.seeds)) + " |")
     print("|---|" + "---|" * ac.seeds)
     for name in names:

@@ -6,14 +6,19 @@ the paper's direction on the topic task; on the digits and the hidden Markov tas
 scale (README, "Settings").
 """
 
+import multiprocessing
+import signal
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 import ablations
-from ablations import pretrain, probe_accuracy
-from tests.parallel import in_parallel
+from ablations import cores, in_parallel, pretrain, probe_accuracy
 from train import PRESETS
 
 
@@ -28,9 +33,9 @@ def test_without_target_normalisation_the_targets_collapse(tmp_path):
     per block and of the average (the vision recipe) 0.795, 0.800 (seed 2 not run); with target_norm=none and
     final_norm=none 0.279, 0.306, 0.286. Forcing no normalisation on both sides fails the first assertion."""
     layer_scale = PRESETS["vision"]["small"]["layer_scale"]
-    normalised, raw = in_parallel(partial(pretrain, tmp_path / "norm", layer_scale=layer_scale),
-                                  partial(pretrain, tmp_path / "raw", layer_scale=layer_scale, target_norm="none",
-                                          final_norm="none"))
+    normalised, raw = in_parallel([partial(pretrain, tmp_path / "norm", layer_scale=layer_scale),
+                                   partial(pretrain, tmp_path / "raw", layer_scale=layer_scale, target_norm="none",
+                                           final_norm="none")])
     assert min(normalised["history"]["target_var"]) > 0.6
     assert min(raw["history"]["target_var"]) < 0.45
 
@@ -41,7 +46,7 @@ def test_attention_output_targets_give_a_worse_model(tmp_path: Path):
     K blocks (the same seed, so the same initialisation, batches and masks), seeds 0, 1, 2: FFN 0.680, 0.713, 0.655;
     attention 0.596, 0.649, 0.607 (a random encoder: 0.557); gaps 0.084, 0.064, 0.047. Forcing attention targets on
     both sides makes the gap exactly 0 (the runs are deterministic) and fails the assertion."""
-    ffn, attn = in_parallel(*(partial(probed, tmp_path / layer, target_layer=layer) for layer in ("ffn", "attn")))
+    ffn, attn = in_parallel([partial(probed, tmp_path / layer, target_layer=layer) for layer in ("ffn", "attn")])
     assert ffn - attn > 0.03, (ffn, attn)
 
 
@@ -53,7 +58,7 @@ def test_averaging_the_top_k_blocks_beats_the_top_block_alone():
     K = 4: 0.637, 0.537, 0.672, 0.805, 0.634, 0.743; K = 1: 0.577, 0.454, 0.533, 0.715, 0.638, 0.704 (seeds 0-5;
     an untrained student 0.507-0.547). Per seed the gap is -0.004 to +0.139; over seeds 0 and 1, asserted here, 0.071.
     Forcing K = 1 on both sides makes the gap exactly 0 (the runs are deterministic) and fails the assertion."""
-    runs = in_parallel(*(partial(ablations.hmm_run, seed, top_k=k) for k in (4, 1) for seed in (0, 1)))
+    runs = list(in_parallel([partial(ablations.hmm_run, seed, top_k=k) for k in (4, 1) for seed in (0, 1)]))
     k4, k1 = (sum(run["accuracy"] for run in pair) / 2 for pair in (runs[:2], runs[2:]))
     assert k4 - k1 > 0.03, (k4, k1)
 
@@ -69,7 +74,7 @@ def test_contextualised_targets_beat_a_local_teacher():
     the token itself (window 1) is the one local teacher that comes close: gaps -0.058 to +0.076, mean +0.018,
     positive at 8 seeds of 10 (README, "Settings"). Forcing the window on both sides makes the gap exactly 0 (the
     runs are deterministic) and fails the assertion."""
-    runs = in_parallel(*(partial(ablations.topic_run, seed, teacher_context=w) for w in (0, 3) for seed in (0, 1)))
+    runs = list(in_parallel([partial(ablations.topic_run, seed, teacher_context=w) for w in (0, 3) for seed in (0, 1)]))
     whole, local = (sum(run["accuracy"] for run in pair) / 2 for pair in (runs[:2], runs[2:]))
     assert whole - local > 0.1, (whole, local)
 
@@ -83,3 +88,71 @@ def test_bad_settings_are_clear_errors(capsys):
     assert "unknown task 'speech'" in capsys.readouterr().err
     with pytest.raises(ablations.ConfigError, match="only target settings"):
         ablations.hmm_run(0, iters=1, max_iters=5)
+
+
+def test_side_by_side_runs_come_back_in_order_from_one_thread_each():
+    threads = 1 if cores() > 1 else torch.get_num_threads()      # one core: run here, as they are
+    calls = [partial(pow, 2, 3), torch.get_num_threads, partial(pow, 3, 2), torch.get_num_threads]
+    assert list(in_parallel(calls)) == [8, threads, 9, threads]
+    assert list(in_parallel(calls, jobs=1)) == [8, torch.get_num_threads(), 9, torch.get_num_threads()]
+
+
+def test_a_failed_run_ends_the_runs_still_going():
+    """The second call fails while the first sleeps for two minutes: the error comes at once, not after the sleep,
+    and no worker is left."""
+    t0 = time.time()
+    with pytest.raises(ValueError, match="invalid literal"):
+        list(in_parallel([partial(time.sleep, 120), partial(int, "x")], jobs=2))
+    assert time.time() - t0 < 60
+    assert multiprocessing.active_children() == []
+
+
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, ended but not yet reaped by whoever adopted it, does not)."""
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads process states from /proc")
+def test_workers_end_when_their_parent_is_killed():
+    script = ("import functools, multiprocessing, os, signal, time, ablations\n"
+              "runs = ablations.in_parallel([functools.partial(time.sleep, 0), functools.partial(time.sleep, 120)],"
+              " jobs=2)\n"
+              "next(runs)\n"
+              "print(*(p.pid for p in multiprocessing.active_children()), flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    workers = [int(pid) for pid in proc.stdout.split()]
+    assert len(workers) == 2
+    deadline = time.time() + 30
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, workers))
+
+
+@pytest.mark.slow
+def test_the_command_gives_the_same_table_side_by_side_and_one_after_another(capsys):
+    args = ["--task=topic", "--settings=recipe,k1", "--seeds=2", "--iters=2"]
+    tables = []
+    for jobs in (2, 1):
+        assert ablations.main([*args, f"--jobs={jobs}"]) == 0
+        tables.append(capsys.readouterr().out.split("\n\n")[1])
+    assert tables[0] == tables[1]
+    assert tables[0].count("| 0.") == 4
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_command_and_its_workers_with_one_line():
+    """The runs take a minute or more each. communicate() returns only when every process holding the pipes has
+    ended, workers included."""
+    proc = subprocess.Popen([sys.executable, "ablations.py", "--task=topic", "--settings=recipe", "--seeds=2",
+                             "--jobs=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert "2 topic runs of 1200 updates, 2 side by side" in proc.stdout.readline()
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    assert err == "interrupted: the runs finished so far are above; none is kept\n"

@@ -11,9 +11,8 @@ from functools import partial
 import pytest
 import torch
 
-from ablations import markov_chain, masked_loss, pretrain_sequences, sequence_student
+from ablations import in_parallel, markov_chain, masked_loss, pretrain_sequences, sequence_student
 from data2vec import TargetConfig
-from tests.parallel import in_parallel
 
 V, T, B = 64, 32, 32     # token types, sequence length, batch
 
@@ -51,7 +50,7 @@ def test_the_student_learns_to_use_context_on_a_markov_chain():
     drift to something the student predicts without context (intact loss 0.07 against 0.30-0.49 at lr 2e-3) before
     it learns to read the neighbours, the race the text preset loses (FINDINGS.md). Longer
     chains lose it too: length=64 gives 1.000, 0.981, 0.970 and length=128 gives 1.012, 0.999, 1.021 (seeds 0-2)."""
-    chain, random = in_parallel(partial(context_ratio, seed=0, noise=0.1), partial(context_ratio, seed=0, noise=1.0))
+    chain, random = in_parallel([partial(context_ratio, seed=0, noise=0.1), partial(context_ratio, seed=0, noise=1.0)])
     assert chain > 1.5
     assert random < 1.2
 
@@ -62,8 +61,8 @@ def test_the_papers_slower_teacher_lets_the_student_read_longer_chains():
     Measured (2-core AMD EPYC, one thread, ~60 s a run), shuffled / intact after 1000 updates at lr 2e-3: the paper's
     teacher 2.85, 2.79, 3.06 (seeds 0-2); the preset's 1.000, 0.981, 0.970. At 128 tokens the paper's teacher needs
     2,000 updates: 1.67, 2.38 (seeds 0, 1; the preset's 1.00, seed 0)."""
-    papers, presets = in_parallel(partial(context_ratio, seed=0, noise=0.1, length=64, tau=(0.999, 0.9999)),
-                                  partial(context_ratio, seed=0, noise=0.1, length=64))
+    papers, presets = in_parallel([partial(context_ratio, seed=0, noise=0.1, length=64, tau=(0.999, 0.9999)),
+                                   partial(context_ratio, seed=0, noise=0.1, length=64)])
     assert papers > 1.5
     assert presets < 1.2
 
