@@ -293,6 +293,15 @@ def topic_run(seed: int, iters: int = TOPIC_ITERS, lr: float = 2e-3, **overrides
     return sequence_run(seed, iters, lr, N_WORDS, draw, g, overrides)
 
 
+def task_run(task: str, setting: str, seed: int, iters: int, tmp: Path) -> dict:
+    """One run of the task with the named setting (digits: its checkpoint under tmp) -> probe accuracy, min
+    target_var."""
+    overrides = SETTINGS[setting][1]
+    if task == "digits":
+        return digits_run(tmp / f"{setting}{seed}", seed, iters, **overrides)
+    return (hmm_run if task == "hmm" else topic_run)(seed, iters, **overrides)
+
+
 def main(argv: list[str]) -> int:
     try:
         asked, argv = split_help(argv)
@@ -319,10 +328,7 @@ def main(argv: list[str]) -> int:
           ("one after another" if jobs == 1 else f"{jobs} side by side, one thread each"), flush=True)
     rows = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
-        task = dict(hmm=hmm_run, topic=topic_run).get(ac.task)
-        calls = [partial(timed, partial(task, seed, iters, **SETTINGS[name][1]) if task else
-                         partial(digits_run, Path(tmp) / f"{name}{seed}", seed, iters, **SETTINGS[name][1]))
-                 for seed, name in runs]
+        calls = [partial(timed, partial(task_run, ac.task, name, seed, iters, Path(tmp))) for seed, name in runs]
         try:
             for (seed, name), (run, seconds) in zip(runs, in_parallel(calls, jobs)):
                 rows[name].append(run["accuracy"])
