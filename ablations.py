@@ -8,6 +8,9 @@ show at this scale.
     python ablations.py --task=topic --settings=recipe,local    # the topic task
     python ablations.py --jobs=1                        # one run after another (default: side by side, one per core)
 
+The setting `untrained` (in the default list) gives the same probe on an untrained encoder of the same layout: the
+baseline that pretraining has to beat.
+
 digits: tiny vision pretraining runs on the embedded digits, each scored by a linear probe on the held-out digits.
 Each run is the small vision recipe shortened to 200 updates of 32 images (~45 s on one core), with the layer scale
 off: at 200 updates BEiT's 1e-4 layer scale keeps every block of the teacher close to the identity, so block, FFN
@@ -66,6 +69,7 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "local": ("the teacher sees only the step itself (a patch, a token)", dict(teacher_context=1)),
     "local3": ("the teacher sees a window of 3 steps (3 tokens, 3 x 3 patches)", dict(teacher_context=3)),
     "raw": ("no target normalisation", dict(target_norm="none", final_norm="none")),
+    "untrained": ("no pretraining: the untrained encoder, the baseline", {}),
 }
 
 
@@ -87,16 +91,21 @@ def pretrain(out: Path, **overrides) -> dict:
     return dict(path=ckpt, history=load_checkpoint(ckpt)["history"])
 
 
-def probe_accuracy(ckpt: Path, seed: int = 0) -> float:
-    """Linear-probe accuracy of the checkpoint's encoder on the held-out digits, all training labels."""
+def probe_accuracy(ckpt: Path, seed: int = 0, untrained: bool = False) -> float:
+    """Linear-probe accuracy of the checkpoint's encoder on the held-out digits, all training labels; untrained: of
+    a random encoder of the checkpoint's layout instead."""
+    source = dict(init_from="random", like=str(ckpt)) if untrained else dict(init_from=str(ckpt))
     with contextlib.redirect_stdout(io.StringIO()):
-        fc = finetune.FinetuneConfig(modality="vision", init_from=str(ckpt), mode="probe", seed=seed)
+        fc = finetune.FinetuneConfig(modality="vision", mode="probe", seed=seed, **source)
         return finetune.run(fc)["accuracy"]
 
 
 def digits_run(out: Path, seed: int, iters: int = TINY["max_iters"], **overrides) -> dict:
-    """The digits task: pretrain TINY into out, then probe -> probe accuracy, min target_var."""
-    ckpt = pretrain(out, seed=seed, max_iters=iters, **overrides)
+    """The digits task: pretrain TINY into out, then probe -> probe accuracy, min target_var. iters = 0: the probe
+    on an untrained encoder of the same layout (finetune.py's --init_from=random --like=<a one-update run>)."""
+    ckpt = pretrain(out, seed=seed, max_iters=max(iters, 1), **overrides)
+    if iters == 0:
+        return dict(accuracy=probe_accuracy(ckpt["path"], seed, untrained=True), min_target_var=float("nan"))
     return dict(accuracy=probe_accuracy(ckpt["path"], seed), min_target_var=min(ckpt["history"]["target_var"]))
 
 
@@ -297,6 +306,7 @@ def task_run(task: str, setting: str, seed: int, iters: int, tmp: Path) -> dict:
     """One run of the task with the named setting (digits: its checkpoint under tmp) -> probe accuracy, min
     target_var."""
     overrides = SETTINGS[setting][1]
+    iters = 0 if setting == "untrained" else iters
     if task == "digits":
         return digits_run(tmp / f"{setting}{seed}", seed, iters, **overrides)
     return (hmm_run if task == "hmm" else topic_run)(seed, iters, **overrides)
@@ -332,8 +342,8 @@ def main(argv: list[str]) -> int:
         try:
             for (seed, name), (run, seconds) in zip(runs, in_parallel(calls, jobs)):
                 rows[name].append(run["accuracy"])
-                print(f"{name:7s} seed {seed}: probe {run['accuracy']:.3f}, min target_var "
-                      f"{run['min_target_var']:.3f} ({seconds:.0f} s)", flush=True)
+                trained = "" if name == "untrained" else f", min target_var {run['min_target_var']:.3f}"
+                print(f"{name:9s} seed {seed}: probe {run['accuracy']:.3f}{trained} ({seconds:.0f} s)", flush=True)
         except KeyboardInterrupt:
             print("interrupted: the runs finished so far are above; none is kept", file=sys.stderr)
             return 130
