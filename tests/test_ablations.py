@@ -21,6 +21,8 @@ import ablations
 from ablations import cores, in_parallel, pretrain, probe_accuracy
 from train import PRESETS
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def probed(out: Path, **overrides) -> float:
     """Linear-probe accuracy after a tiny digits pretraining run into out."""
@@ -102,11 +104,11 @@ def test_side_by_side_runs_come_back_in_order_from_one_thread_each():
 def test_a_failed_run_ends_the_runs_still_going():
     """The second call fails while the first sleeps for two minutes: the error comes at once, not after the sleep,
     and no worker is left."""
-    t0 = time.time()
+    before, t0 = set(multiprocessing.active_children()), time.time()
     with pytest.raises(ValueError, match="invalid literal"):
         list(in_parallel([partial(time.sleep, 120), partial(int, "x")], jobs=2))
     assert time.time() - t0 < 60
-    assert multiprocessing.active_children() == []
+    assert set(multiprocessing.active_children()) <= before
 
 
 def alive(pid: int) -> bool:
@@ -125,7 +127,7 @@ def test_workers_end_when_their_parent_is_killed():
               "next(runs)\n"
               "print(*(p.pid for p in multiprocessing.active_children()), flush=True)\n"
               "os.kill(os.getpid(), signal.SIGKILL)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     workers = [int(pid) for pid in proc.stdout.split()]
     assert len(workers) == 2
@@ -151,7 +153,7 @@ def test_ctrl_c_ends_the_command_and_its_workers_with_one_line():
     """The runs take a minute or more each. communicate() returns only when every process holding the pipes has
     ended, workers included."""
     proc = subprocess.Popen([sys.executable, "ablations.py", "--task=topic", "--settings=recipe", "--seeds=2",
-                             "--jobs=2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--jobs=2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert "2 topic runs of 1200 updates, 2 side by side" in proc.stdout.readline()
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
