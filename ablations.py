@@ -80,8 +80,9 @@ class AblationConfig:
     seeds: int = 3
     iters: int = 0                         # updates per pretraining run; 0 = the task's (digits 200, hmm 600,
                                            # topic 1200)
-    jobs: int = 0                          # runs side by side, one torch thread each; 0 = one per core,
-                                           # 1 = one after another on all threads (the same numbers either way)
+    jobs: int = 0                          # runs side by side, one torch thread each; 0 = one per core (digits
+                                           # on a GPU: 1), 1 = one after another on all threads (the same
+                                           # numbers either way)
 
 
 def pretrain(out: Path, **overrides) -> dict:
@@ -302,6 +303,12 @@ def topic_run(seed: int, iters: int = TOPIC_ITERS, lr: float = 2e-3, **overrides
     return sequence_run(seed, iters, lr, N_WORDS, draw, g, overrides)
 
 
+def default_jobs(task: str) -> int:
+    """One run per core; the digits runs train on the GPU where there is one (train.py's --device=auto), where
+    side by side they would only share it, so there one after another."""
+    return 1 if task == "digits" and torch.cuda.is_available() else cores()
+
+
 def task_run(task: str, setting: str, seed: int, iters: int, tmp: Path) -> dict:
     """One run of the task with the named setting (digits: its checkpoint under tmp) -> probe accuracy, min
     target_var."""
@@ -333,7 +340,7 @@ def main(argv: list[str]) -> int:
         return 1
     iters = ac.iters or {"digits": TINY["max_iters"], "hmm": HMM_ITERS, "topic": TOPIC_ITERS}[ac.task]
     runs = [(seed, name) for seed in range(ac.seeds) for name in names]
-    jobs = min(len(runs), ac.jobs or cores())
+    jobs = min(len(runs), ac.jobs or default_jobs(ac.task))
     print(f"{len(runs)} {ac.task} runs of {iters} updates, " +
           ("one after another" if jobs == 1 else f"{jobs} side by side, one thread each"), flush=True)
     rows = {n: [] for n in names}

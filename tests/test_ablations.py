@@ -101,6 +101,12 @@ def test_side_by_side_runs_come_back_in_order_from_one_thread_each():
     assert list(in_parallel(calls, jobs=1)) == [8, torch.get_num_threads(), 9, torch.get_num_threads()]
 
 
+def test_digits_runs_go_one_after_another_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ablations.default_jobs("digits") == 1
+    assert ablations.default_jobs("hmm") == ablations.default_jobs("topic") == cores()
+
+
 def test_a_failed_run_ends_the_runs_still_going():
     """The second call fails while the first sleeps for two minutes: the error comes at once, not after the sleep,
     and no worker is left."""
