@@ -344,6 +344,15 @@ def parse_args(argv: list[str]) -> Config:
     if preset not in PRESETS[modality]:
         raise ConfigError(f"unknown preset {preset!r} for {modality}: choose one of {', '.join(PRESETS[modality])}")
     cfg = Config(**{**PRESETS[modality][preset], **overrides})
+    check_config(cfg)
+    if not cfg.out_dir:
+        cfg.out_dir = f"out-{cfg.modality}"
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Settings that no run can use, as one ConfigError naming the fix: the command line's and train()'s
+    callers' (ablations.py, results.py) alike."""
     if cfg.max_iters < 1:
         raise ConfigError(f"--max_iters={cfg.max_iters}: pretraining needs at least one update (an untrained encoder "
                           "is finetune.py --init_from=random)")
@@ -376,9 +385,6 @@ def parse_args(argv: list[str]) -> Config:
     if cfg.mask_replace + cfg.mask_random > 1:
         raise ConfigError(f"--mask_replace={cfg.mask_replace} --mask_random={cfg.mask_random}: shares of the masked "
                           f"tokens, each >= 0 and together <= 1 (BERT: 0.8 and 0.1)")
-    if not cfg.out_dir:
-        cfg.out_dir = f"out-{cfg.modality}"
-    return cfg
 
 
 T = TypeVar("T")
@@ -847,6 +853,7 @@ def plot_history(history: dict, path: Path) -> None:
 
 def train(cfg: Config) -> Path:
     """Pretrain as cfg says, holding --out_dir for the run (hold_dir). -> the checkpoint's path"""
+    check_config(cfg)
     rank, world, device, dtype = setup_system(cfg)
     with hold_dir(Path(cfg.out_dir), "--out_dir", master=rank == 0):
         return run(cfg, rank, world, device, dtype)

@@ -113,6 +113,15 @@ def test_config_errors(argv, message, capsys):
     assert code == 1 and message in err and "Traceback" not in err
 
 
+def test_train_checks_a_config_built_in_code_before_it_starts(tmp_path):
+    """ablations.py and results.py call train() with a Config of their own, not through parse_args."""
+    with pytest.raises(train.ConfigError, match="needs at least one update"):
+        train.train(Config(modality="vision", max_iters=0, out_dir=str(tmp_path / "run")))
+    with pytest.raises(train.ConfigError, match="fractions of --max_iters"):
+        train.train(Config(modality="vision", warmup=0.5, hold=0.8, out_dir=str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
 def inline_comments(cls: type) -> dict[str, str]:
     """The comment on each field's own line of a dataclass's source, read with Python's tokenizer."""
     source = inspect.getsource(cls)
