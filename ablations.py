@@ -30,6 +30,7 @@ topic from the final output at every interior step.
 
 import contextlib
 import io
+import math
 import multiprocessing
 import os
 import sys
@@ -56,7 +57,8 @@ from transformer import TransformerConfig
 TINY = dict(PRESETS["vision"]["small"], modality="vision", max_iters=200, batch_size=32, log_interval=10,
             eval_interval=10**6, ckpt_interval=10**6, eval_iters=2, layer_scale=0.0)
 
-# name -> (what it is, train.py overrides; for the hmm and topic tasks, TargetConfig overrides)
+# name -> (what it is, train.py overrides; for the hmm and topic tasks, TargetConfig overrides; iters: the setting's
+# own number of updates)
 RECIPES = {"digits": "block outputs, top K = 2 of 4 blocks (the vision recipe)",
            "hmm": "FFN outputs, top K = 4 of 4 blocks (the text recipe's targets)",
            "topic": "FFN outputs, top K = 4 of 4 blocks (the text recipe's targets)"}
@@ -69,7 +71,7 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "local": ("the teacher sees only the step itself (a patch, a token)", dict(teacher_context=1)),
     "local3": ("the teacher sees a window of 3 steps (3 tokens, 3 x 3 patches)", dict(teacher_context=3)),
     "raw": ("no target normalisation", dict(target_norm="none", final_norm="none")),
-    "untrained": ("no pretraining: the untrained encoder, the baseline", {}),
+    "untrained": ("no pretraining: the untrained encoder, the baseline", dict(iters=0)),
 }
 
 
@@ -312,8 +314,8 @@ def default_jobs(task: str) -> int:
 def task_run(task: str, setting: str, seed: int, iters: int, tmp: Path) -> dict:
     """One run of the task with the named setting (digits: its checkpoint under tmp) -> probe accuracy, min
     target_var."""
-    overrides = SETTINGS[setting][1]
-    iters = 0 if setting == "untrained" else iters
+    overrides = dict(SETTINGS[setting][1])
+    iters = overrides.pop("iters", iters)
     if task == "digits":
         return digits_run(tmp / f"{setting}{seed}", seed, iters, **overrides)
     return (hmm_run if task == "hmm" else topic_run)(seed, iters, **overrides)
@@ -349,7 +351,8 @@ def main(argv: list[str]) -> int:
         try:
             for (seed, name), (run, seconds) in zip(runs, in_parallel(calls, jobs)):
                 rows[name].append(run["accuracy"])
-                trained = "" if name == "untrained" else f", min target_var {run['min_target_var']:.3f}"
+                tvar = run["min_target_var"]                           # nan: no update, no target
+                trained = "" if math.isnan(tvar) else f", min target_var {tvar:.3f}"
                 print(f"{name:9s} seed {seed}: probe {run['accuracy']:.3f}{trained} ({seconds:.0f} s)", flush=True)
         except KeyboardInterrupt:
             print("interrupted: the runs finished so far are above; none is kept", file=sys.stderr)
