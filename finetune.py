@@ -48,9 +48,10 @@ from masking import span_mask
 from speech_data import CORPUS_DIR, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, TASKS, Config, CheckpointError,
-                   ConfigError, Interrupted, PRESETS, check_compatible, check_numbers, hold_dir, load_checkpoint,
-                   load_state, lr_at, make_dir, out_of_memory, parse_overrides, rng_state, save_checkpoint,
-                   set_rng_state, setup_system, speech_model, split_help, stop_requests, text_data_dir, usage)
+                   ConfigError, Interrupted, PRESETS, check_compatible, check_numbers, check_read, hold_dir,
+                   load_checkpoint, load_state, lr_at, make_dir, out_of_memory, parse_overrides, rng_state,
+                   save_checkpoint, set_rng_state, setup_system, speech_model, split_help, stop_requests,
+                   text_data_dir, usage)
 from transformer import Transformer
 
 
@@ -80,7 +81,7 @@ class FinetuneConfig:
     warmup: float = 0.06        # text, vision: fraction of the steps (speech: tri-stage 10 / 40 / 50 %, SPEC §3)
     layer_decay: float = 1.0    # block i of L trains at lr x layer_decay^(L - i), the encoder at ^(L + 1); 1 = off
     label_smoothing: float = 0.0
-    dropout: float = 0.1
+    dropout: float = 0.1        # text: the dropout of RoBERTa's classification head
     # speech (run_speech)
     budget_minutes: float = 0.0  # train on a random subset of this many minutes of labelled audio; 0 = all of it
     max_samples: int = 320_000  # longer labelled utterances are left out (20 s at 16 kHz)
@@ -385,6 +386,7 @@ def run(fc: FinetuneConfig) -> dict:
         raise ConfigError(f"--mode={fc.mode}: use finetune or probe")
     if fc.modality not in RUNNERS:
         raise ConfigError(f"unknown modality {fc.modality!r}: choose one of {', '.join(RUNNERS)}")
+    check_read(fc, ONLY, "fine-tuning")
     if fc.init_from in REFERENCES and (fc.modality, fc.mode) != ("text", "probe"):
         raise ConfigError(f"--init_from={fc.init_from} ({REFERENCES[fc.init_from]}, no encoder) is a reference for the "
                           "text probe: pass --modality=text --mode=probe")
@@ -396,9 +398,6 @@ def run(fc: FinetuneConfig) -> dict:
     check_numbers(fc, COUNTS, LIMITS)
     if fc.save:
         # checked now, not when the run has ended
-        if fc.modality != "speech":
-            raise ConfigError("--save writes the fine-tuned speech model (for transcribe.py); text and vision "
-                              "fine-tuning report their accuracy and keep no model")
         if Path(fc.save).is_dir():
             raise ConfigError(f"--save={fc.save} is a folder: name the file to write, e.g. {Path(fc.save) / 'ctc.pt'}")
         make_dir(Path(fc.save).parent, "--save")
@@ -469,8 +468,6 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
 def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.device,
                autocast: torch.autocast, run_file: RunFile | None) -> dict:
     """Image classification on the held-out split of the pretraining images (digits, or train.py's --data folder)."""
-    if fc.train or fc.test:
-        raise ConfigError("--train / --test are text TSV files; vision reads --data (or the pretraining run's --data)")
     if fc.data:
         cfg = replace(cfg, data=fc.data)
     task = TASKS["vision"](cfg, prepare=True)
@@ -755,6 +752,22 @@ LIMITS = {
     **dict.fromkeys(("label_smoothing", "dropout"), BELOW_1),
     **dict.fromkeys(("weight_decay", "budget_minutes"), AT_LEAST_0),
 }
+
+# The settings only some modalities read: (those that read it, what the others do instead); run() refuses one given
+# to another modality (train.check_read)
+ONLY = {
+    "data": ("vision", "text and speech read --train and --test"),
+    **dict.fromkeys(("train", "test"), ("text speech", "vision reads --data (or the pretraining run's --data)")),
+    "max_len": ("text", ""),
+    "dropout": ("text", "it is the dropout of text's classification head"),
+    "label_fraction": ("text vision", "speech limits its labels with --budget_minutes"),
+    "warmup": ("text vision", "speech's lr schedule is tri-stage, 10 / 40 / 50 % (SPEC §3)"),
+    "label_smoothing": ("text vision", "speech trains with CTC"),
+    **dict.fromkeys(("probe_lr", "probe_epochs", "probe_layer"), ("text vision", "speech has no probe")),
+    **dict.fromkeys(("budget_minutes", "max_samples", "mask_prob", "freeze"), ("speech", "")),
+    "save": ("speech", "text and vision report their accuracy and keep no model"),
+}
+
 
 # Per-modality defaults, applied before the command line (as train.py's presets). Vision: BEiT's fine-tuning recipe
 # (layer decay 0.65, label smoothing 0.1, wd 0.05, SPEC §3) at an lr, batch and length for the small digits model

@@ -334,6 +334,33 @@ def check_numbers(cfg: object, counts: Sequence[str], limits: dict[str, str]) ->
             raise ConfigError(f"--{key}={getattr(cfg, key)}: needs a value {limit}")
 
 
+def check_read(cfg: object, only: dict[str, tuple[str, str]], run: str) -> None:
+    """Refuse a setting, changed from its default, that cfg's modality does not read: `only` maps each setting that
+    only some modalities read to (those modalities, what the others do instead). Elsewhere it would do nothing."""
+    default = type(cfg)()
+    for key, (readers, instead) in only.items():
+        names = readers.split()
+        if cfg.modality not in names and getattr(cfg, key) != getattr(default, key):
+            who = f"{' and '.join(names)} {'reads' if len(names) == 1 else 'read'}"
+            raise ConfigError(f"--{key} does nothing for {cfg.modality} {run} (only {who} it): leave it out" +
+                              (f"; {instead}" if instead else ""))
+
+
+# The settings only some modalities read, by the Config's sections: (those that read it, what the others do instead)
+ONLY = {
+    "block_size": ("text", "vision's sequences are (img_size / patch_size)^2 patches, speech's up to max_samples"),
+    **dict.fromkeys(("vocab_size", "tokenizer"), ("text", "")),
+    "positions": ("text", "vision always uses BEiT's relative bias, speech its positional convolution"),
+    "mask_prob": ("text speech", "vision masks --mask_ratio of its patches"),
+    **dict.fromkeys(("token_span", "mask_replace", "mask_random"), ("text", "")),
+    **dict.fromkeys(("img_size", "patch_size", "min_mask_patches"), ("vision", "")),
+    "mask_ratio": ("vision", "text and speech mask with --mask_prob"),
+    **dict.fromkeys(("conv_dim", "conv_layers", "pos_conv_layers", "pos_conv_kernel", "pos_conv_groups", "mask_span"),
+                    ("speech", "")),
+    "max_samples": ("speech", "text's sequences are --block_size tokens"),
+}
+
+
 def parse_args(argv: list[str]) -> Config:
     """--key=value overrides on top of the modality's preset. Unknown keys get a suggestion."""
     overrides = parse_overrides(Config, argv)
@@ -357,6 +384,7 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"--max_iters={cfg.max_iters}: pretraining needs at least one update (an untrained encoder "
                           "is finetune.py --init_from=random)")
     check_numbers(cfg, COUNTS, LIMITS)
+    check_read(cfg, ONLY, "pretraining")
     if cfg.schedule not in ("tri", "cosine"):
         raise ConfigError(f"unknown --schedule={cfg.schedule}: use tri or cosine")
     if cfg.schedule == "tri" and cfg.warmup + cfg.hold > 1:
@@ -370,9 +398,6 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"bad setting: {e}") from None
     if cfg.positions not in ("absolute", "relative"):
         raise ConfigError(f"unknown --positions={cfg.positions}: use absolute or relative")
-    if cfg.positions == "relative" and cfg.modality != "text":
-        raise ConfigError("--positions chooses how text encodes word order; vision always uses BEiT's relative bias, "
-                          "speech its positional convolution")
     if cfg.tokenizer not in tokenizer.KINDS:
         raise ConfigError(f"unknown --tokenizer={cfg.tokenizer}: use {', '.join(tokenizer.KINDS)}")
     if cfg.tokenizer != "gpt2" and cfg.vocab_size < tokenizer.N_BYTES:

@@ -16,7 +16,7 @@ import train
 import transcribe
 from encoders import TextEncoder
 from finetune import subset
-from tests.test_train import hold_in_another_process
+from tests.test_train import assert_only_lists, hold_in_another_process, record_settings
 from transformer import Transformer, TransformerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +52,26 @@ def test_modes_report_accuracy(pretrained, mode, tmp_path, capsys):
     out = capsys.readouterr().out
     assert all(line in out for line in progress), out          # long work says how far it is
     assert not (tmp_path / "ft").exists()                      # a finished run leaves no state behind
+
+
+def test_text_reads_the_settings_only_lists_for_it_and_refuses_the_others(pretrained, monkeypatch, capsys):
+    ckpt, tmp = pretrained
+    read = record_settings(monkeypatch, finetune.RUNNERS, "text")
+    args = [f"--init_from={ckpt}", f"--train={tmp / 'train.tsv'}", f"--test={tmp / 'test.tsv'}", "--max_len=32",
+            "--epochs=1", "--probe_epochs=1"]
+    for mode in ("probe", "finetune"):
+        assert finetune.main([*args, f"--mode={mode}"]) == 0
+    assert_only_lists(finetune.ONLY, "text", read)
+    for setting, message in (("--data=corpus.txt", "--data does nothing for text fine-tuning (only vision reads it): "
+                              "leave it out; text and speech read --train and --test"),
+                             ("--budget_minutes=10", "--budget_minutes does nothing for text fine-tuning (only "
+                              "speech reads it): leave it out")):
+        assert finetune.main([*args, setting]) == 1
+        assert capsys.readouterr().err == f"error: {message}\n"
+    assert finetune.main(["--modality=vision", "--init_from=random", f"--train={tmp / 'train.tsv'}"]) == 1
+    assert "--train does nothing for vision fine-tuning (only text and speech read it)" in capsys.readouterr().err
+    assert finetune.main(["--modality=speech", "--init_from=random", "--warmup=0.1"]) == 1
+    assert "speech's lr schedule is tri-stage" in capsys.readouterr().err
 
 
 def test_the_probe_reads_batch_size_examples_at_a_time(pretrained, monkeypatch):
@@ -175,7 +195,7 @@ def test_a_fine_tune_on_a_folder_in_use_is_refused_and_output_paths_are_checked_
     assert finetune.main([*args[:1], f"--train={tmp / 'missing.tsv'}", *args[2:]]) == 1
     assert "missing.tsv" in capsys.readouterr().err and not out_dir.exists()
     assert finetune.main([*args, f"--save={tmp_path / 'ctc.pt'}"]) == 1
-    assert "--save writes the fine-tuned speech model" in capsys.readouterr().err
+    assert "--save does nothing for text fine-tuning (only speech reads it)" in capsys.readouterr().err
     speech = ["--modality=speech", "--init_from=random", f"--out_dir={out_dir}"]
     assert finetune.main([*speech, f"--save={tmp_path}"]) == 1
     assert f"--save={tmp_path} is a folder: name the file to write, e.g. {tmp_path / 'ctc.pt'}" in capsys.readouterr().err

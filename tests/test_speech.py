@@ -15,6 +15,7 @@ from ctc import text_to_ltr
 from encoders import ConvFeatureExtractor, SpeechEncoder, conv_output_lengths
 from speech_data import write_manifest
 from tests.test_finetune import nan_loss_from_call, signal_at_update
+from tests.test_train import assert_only_lists, record_settings
 
 KERNELS, STRIDES = ConvFeatureExtractor.KERNELS, ConvFeatureExtractor.STRIDES
 TINY = ["--modality=speech", "--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--top_k=2", "--conv_dim=16",
@@ -124,10 +125,12 @@ def speech_corpus(tmp_path_factory) -> Path:
     return root / "train.tsv"
 
 
-def test_tiny_pretraining_then_ctc_finetuning(speech_corpus, tmp_path, capsys):
+def test_tiny_pretraining_then_ctc_finetuning(speech_corpus, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
+    read = record_settings(monkeypatch, train.TASKS, "speech")
     assert train.main([*TINY, f"--data={speech_corpus}", "--max_iters=4", "--eval_interval=2",
                        f"--out_dir={out}"]) == 0
+    assert_only_lists(train.ONLY, "speech", read)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(v > 0.1 for v in ckpt["history"]["target_var"])
     assert "encoder.pos_conv_embed.layers.0.conv.weight" in ckpt["model"]    # the small preset: one layer
@@ -135,6 +138,7 @@ def test_tiny_pretraining_then_ctc_finetuning(speech_corpus, tmp_path, capsys):
     capsys.readouterr()
     valid = speech_corpus.with_name("valid.tsv")
     args = ["--modality=speech", f"--train={speech_corpus}", f"--test={valid}", "--epochs=2", "--batch_size=2"]
+    read = record_settings(monkeypatch, finetune.RUNNERS, "speech")
     for init in (out / "ckpt.pt", "random"):
         assert finetune.main([*args, f"--init_from={init}", f"--out_dir={tmp_path / 'ft'}",
                               *(["--preset=small", "--budget_minutes=60"] if init == "random" else [])]) == 0
@@ -143,6 +147,7 @@ def test_tiny_pretraining_then_ctc_finetuning(speech_corpus, tmp_path, capsys):
         assert ("--budget_minutes=60: the training set holds 0.1 min, all of which is used" in out_text) == (
             init == "random")
     assert not (tmp_path / "ft").exists()                      # a finished run leaves no state behind
+    assert_only_lists(finetune.ONLY, "speech", read)
     wav = str(speech_corpus.parent / "audio" / "train" / "0.wav")
     assert transcribe.main([f"--ckpt={out / 'ckpt.pt'}", wav]) == 1           # pretrained, no letter head
     assert "a pretraining checkpoint, not a CTC one" in capsys.readouterr().err

@@ -60,6 +60,38 @@ def history(out: Path) -> dict:
 
 # ---- configuration -----------------------------------------------------------------------------------------------
 
+def record_settings(monkeypatch: pytest.MonkeyPatch, registry: dict, modality: str) -> set[str]:
+    """The settings that registry[modality] (finetune.RUNNERS or train.TASKS, called with a config first) reads from
+    its config from now on, as they are read: it gets a copy of a subclass that notes each attribute it hands out."""
+    read: set[str] = set()
+    make = registry[modality]
+
+    def noted(config, *args, **kwargs):
+        class Noting(type(config)):
+            def __getattribute__(self, name: str):
+                read.add(name)
+                return super().__getattribute__(name)
+
+        return make(Noting(**vars(config)), *args, **kwargs)
+
+    monkeypatch.setitem(registry, modality, noted)
+    return read
+
+
+def assert_only_lists(only: dict[str, tuple[str, str]], modality: str, read: set[str]) -> None:
+    """only (finetune.ONLY or train.ONLY: the settings only some modalities read) names this modality for exactly
+    the settings it read."""
+    for key, (readers, _) in only.items():
+        assert (key in read) == (modality in readers.split()), (
+            f"{modality} {'reads' if key in read else 'does not read'} --{key}, but ONLY says {readers}")
+
+
+def test_text_pretraining_reads_the_settings_only_lists_for_it(corpus, tmp_path, monkeypatch):
+    read = record_settings(monkeypatch, train.TASKS, "text")
+    assert train.main([*TINY, f"--data={corpus}", "--max_iters=1", f"--out_dir={tmp_path / 'run'}"]) == 0
+    assert_only_lists(train.ONLY, "text", read)
+
+
 def test_preset_then_overrides():
     cfg = parse_args(["--modality=text", "--preset=base", "--lr=1e-4", "--compile"])
     assert (cfg.n_layer, cfg.dim, cfg.top_k, cfg.lr, cfg.compile) == (12, 768, 10, 1e-4, True)
@@ -82,7 +114,12 @@ def test_preset_then_overrides():
     (["--mask_random=-0.1"], "--mask_random=-0.1: needs a value in [0, 1]"),
     (["--positions=rotary"], "use absolute or relative"),
     (["--max_iters=0"], "--init_from=random"),
-    (["--modality=vision", "--positions=relative"], "how text encodes word order"),
+    (["--modality=vision", "--positions=relative"], "--positions does nothing for vision pretraining (only text reads "
+     "it): leave it out; vision always uses BEiT's relative bias"),
+    (["--modality=vision", "--block_size=256"], "vision's sequences are (img_size / patch_size)^2 patches"),
+    (["--modality=speech", "--mask_ratio=0.5"], "--mask_ratio does nothing for speech pretraining (only vision "
+     "reads it): leave it out; text and speech mask with --mask_prob"),
+    (["--img_size=64"], "--img_size does nothing for text pretraining (only vision reads it): leave it out"),
     (["--eval_interval=0"], "--eval_interval=0: needs at least 1"),
     (["--top_k=0"], "average at least one block"),
     (["--top_k=5"], "top K of the n_layer=4 blocks"),

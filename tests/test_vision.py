@@ -11,6 +11,7 @@ from data2vec import Data2Vec, EMATeacher, TargetConfig, build_targets
 from encoders import PatchEncoder
 from masking import block_mask
 from tests.test_finetune import keep_test_logits, signal_at_update
+from tests.test_train import assert_only_lists, record_settings
 from transformer import TransformerConfig
 
 TINY = ["--modality=vision", "--n_layer=2", "--dim=32", "--n_head=2", "--ffn_dim=64", "--top_k=1", "--img_size=16",
@@ -102,17 +103,21 @@ def test_layer_decay_groups():
     assert len(finetune.layer_groups(clf, finetune.FinetuneConfig(layer_decay=1.0))) == 1
 
 
-def test_tiny_pretraining_then_probe_and_finetune(tmp_path, capsys):
+def test_tiny_pretraining_then_probe_and_finetune(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
+    read = record_settings(monkeypatch, train.TASKS, "vision")
     assert train.main([*TINY, "--max_iters=3", f"--out_dir={out}"]) == 0
+    assert_only_lists(train.ONLY, "vision", read)
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and ckpt["config"]["modality"] == "vision"
     assert "encoder.cls_token" in ckpt["model"] and "encoder.projection.weight" in ckpt["model"]
+    read = record_settings(monkeypatch, finetune.RUNNERS, "vision")
     for mode in ("probe", "finetune"):
         args = ["--modality=vision", f"--init_from={out / 'ckpt.pt'}", f"--mode={mode}", "--epochs=1",
                 "--probe_epochs=2", "--label_fraction=0.1", f"--out_dir={tmp_path / 'ft'}"]
         assert finetune.main(args) == 0
         assert "test accuracy" in capsys.readouterr().out
+    assert_only_lists(finetune.ONLY, "vision", read)
 
 
 def test_ctrl_c_mid_fine_tuning_then_resume_ends_where_the_straight_run_does(tmp_path, monkeypatch, capfd):
