@@ -804,14 +804,17 @@ def load_checkpoint(path: Path, fix: str | None = None) -> dict:
 
 def check_compatible(ckpt: dict, cfg: object, path: Path, keys: Sequence[str] = ARCH_FIELDS) -> None:
     """The checkpoint's config agrees with cfg (a dataclass: train.py's Config, finetune.py's) on the fields `keys`."""
-    saved = ckpt.get("config", {})
-    if "modality" in keys and saved.get("modality", cfg.modality) != cfg.modality:
+    config = ckpt.get("config", {})
+    if "modality" in keys and config.get("modality", cfg.modality) != cfg.modality:
         # every other setting would differ too
-        raise CheckpointError(f"{path} is a {saved['modality']} run: pass --modality={saved['modality']} (and its "
+        raise CheckpointError(f"{path} is a {config['modality']} run: pass --modality={config['modality']} (and its "
                               f"other settings) to resume it, or choose another --out_dir")
     defaults = {f.name: f.default for f in fields(cfg)}           # a field added since the checkpoint: its default
-    saved = {k: saved.get(k, defaults[k]) for k in keys}
+    saved = {k: config.get(k, defaults[k]) for k in keys}
     diff = [f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in keys if saved[k] != getattr(cfg, k)]
+    if diff and "preset" not in keys and config.get("preset", cfg.preset) != cfg.preset:
+        # the preset chose most of them: the likeliest fix
+        diff.insert(0, f"preset={config['preset']!r} (now {cfg.preset!r})")
     if diff:
         raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}. Resume with the same "
                               f"settings, or start a new run in another --out_dir")
