@@ -346,17 +346,17 @@ def main(argv: list[str]) -> int:
     print(f"{len(runs)} {ac.task} runs of {iters} updates, " +
           ("one after another" if jobs == 1 else f"{jobs} side by side, one thread each"), flush=True)
     rows = {n: [] for n in names}
-    with tempfile.TemporaryDirectory() as tmp:
-        calls = [partial(timed, partial(task_run, ac.task, name, seed, iters, Path(tmp))) for seed, name in runs]
-        try:
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            calls = [partial(timed, partial(task_run, ac.task, name, seed, iters, Path(tmp))) for seed, name in runs]
             for (seed, name), (run, seconds) in zip(runs, in_parallel(calls, jobs)):
                 rows[name].append(run["accuracy"])
                 tvar = run["min_target_var"]                           # nan: no update, no target
                 trained = "" if math.isnan(tvar) else f", min target_var {tvar:.3f}"
                 print(f"{name:9s} seed {seed}: probe {run['accuracy']:.3f}{trained} ({seconds:.0f} s)", flush=True)
-        except KeyboardInterrupt:
-            print("interrupted: the runs finished so far are above; none is kept", file=sys.stderr)
-            return 130
+    except KeyboardInterrupt:
+        print("interrupted: the runs finished so far are above; none is kept", file=sys.stderr)
+        return 130
     print(f"\n| {ac.task}, {iters} updates | " + " | ".join(f"seed {s}" for s in range(ac.seeds)) + " |")
     print("|---|" + "---|" * ac.seeds)
     for name in names:
