@@ -7,7 +7,6 @@ scale (README, "Settings").
 """
 
 import multiprocessing
-import os
 import signal
 import subprocess
 import sys
@@ -161,33 +160,19 @@ def test_the_command_gives_the_same_table_side_by_side_and_one_after_another(cap
 @pytest.mark.parametrize("delay", [0, 3])
 def test_ctrl_c_ends_the_command_and_its_workers_with_one_line(delay):
     """Ctrl-C right after the first line (while the workers start) or once they run (each run takes a minute or
-    more). communicate() returns only when every process holding the pipes has ended, workers included. Should the
-    command hang, the test fails with every thread's stack (Python's faulthandler, on SIGABRT) and the processes
-    still running."""
+    more). communicate() returns only when every process holding the pipes has ended, workers included."""
     # A process started with SIGINT ignored (a script's background job, as CI may be) passes that on, and Python then
-    # leaves Ctrl-C alone: the command ran to its end. A handler here is reset to the default in the child instead.
+    # leaves Ctrl-C alone: the command would run to its end. A handler here is reset to the default in the child.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         proc = subprocess.Popen([sys.executable, "ablations.py", "--task=topic", "--settings=recipe", "--seeds=2",
-                                 "--jobs=2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+                                 "--jobs=2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     finally:
         signal.signal(signal.SIGINT, previous)
     assert "2 topic runs of 1200 updates, 2 side by side" in proc.stdout.readline()
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
-    try:
-        out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        ps = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,etime,wchan:24,args"], capture_output=True, text=True)
-        proc.send_signal(signal.SIGABRT)
-        try:
-            err = proc.communicate(timeout=10)[1]
-        except subprocess.TimeoutExpired as e:
-            err = e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or ""
-        proc.kill()
-        python = "\n".join(line for line in ps.stdout.splitlines() if "PID" in line or "python" in line)
-        pytest.fail(f"ablations.py did not end within 120 s of Ctrl-C. Its stacks:\n{err}\nProcesses:\n{python}")
+    out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert err == "interrupted: the runs finished so far are above; none is kept\n"
 
