@@ -87,7 +87,7 @@ class AblationConfig:
                                            # numbers either way)
 
 
-def pretrain(out: Path, **overrides) -> dict:
+def pretrain(out: Path, **overrides: object) -> dict:
     """Pretrain TINY with the overrides into out -> {path: the checkpoint, history: its log (target_var per line)}."""
     with contextlib.redirect_stdout(io.StringIO()):
         ckpt = train(Config(**{**TINY, **overrides, "out_dir": str(out)}))
@@ -103,7 +103,7 @@ def probe_accuracy(ckpt: Path, seed: int = 0, untrained: bool = False) -> float:
         return finetune.run(fc)["accuracy"]
 
 
-def digits_run(out: Path, seed: int, iters: int = TINY["max_iters"], **overrides) -> dict:
+def digits_run(out: Path, seed: int, iters: int = TINY["max_iters"], **overrides: object) -> dict:
     """The digits task: pretrain TINY into out, then probe -> probe accuracy, min target_var. iters = 0: the probe
     on an untrained encoder of the same layout (finetune.py's --init_from=random --like=<a one-update run>)."""
     ckpt = pretrain(out, seed=seed, max_iters=max(iters, 1), **overrides)
@@ -277,7 +277,7 @@ def sequence_run(seed: int, iters: int, lr: float, n_types: int, draw: Draw, g: 
     return dict(accuracy=linear_probe(*features), min_target_var=min(target_var, default=float("nan")))
 
 
-def hmm_run(seed: int, iters: int = HMM_ITERS, lr: float = 2e-3, **overrides) -> dict:
+def hmm_run(seed: int, iters: int = HMM_ITERS, lr: float = 2e-3, **overrides: object) -> dict:
     """The hidden Markov task: the label of a step is its hidden state; its token, state // 2, names the state up to
     a pair, so the neighbours decide."""
     g = torch.Generator().manual_seed(seed)
@@ -290,7 +290,7 @@ def hmm_run(seed: int, iters: int = HMM_ITERS, lr: float = 2e-3, **overrides) ->
     return sequence_run(seed, iters, lr, N_STATES // 2, draw, g, overrides)
 
 
-def topic_run(seed: int, iters: int = TOPIC_ITERS, lr: float = 2e-3, **overrides) -> dict:
+def topic_run(seed: int, iters: int = TOPIC_ITERS, lr: float = 2e-3, **overrides: object) -> dict:
     """The topic task: the label of every step is its sequence's topic. Each of N_TOPICS topics has its own
     distribution over N_WORDS token types (softmax of N(0, 1) logits); a sequence draws a topic, then each of its
     tokens independently, so one token says little about the topic and the whole sequence a lot."""
