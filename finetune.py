@@ -31,6 +31,7 @@ Shakespeare corpus, tested on voices never heard in training; --train / --test r
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
@@ -367,7 +368,14 @@ def load_task(fc: FinetuneConfig, data_dir: Path) -> tuple[list[str], list[str],
     test_path = Path(fc.test) if fc.test else data_dir / "genre" / "test.tsv"
     if not fc.train and not train_path.exists():
         raise DataError(f"{train_path} is missing: run `python train.py --modality=text` first (it prepares the data)")
-    return (*read_tsv(train_path), *read_tsv(test_path))
+    sentences, labels = read_tsv(train_path)
+    once = [label for label, n in Counter(labels).items() if n == 1]
+    if len(set(labels)) > 10 and 2 * len(once) > len(labels):
+        # a label column holding text (columns swapped, or a TSV of another layout): every line its own class
+        raise DataError(f"{train_path}: {len(once)} of its {len(labels)} lines have a label no other line has (e.g. "
+                        f"{once[0][:40]!r}): is the label in another column? Each line is read as "
+                        "`sentence<TAB>label`, the label after the last tab")
+    return sentences, labels, *read_tsv(test_path)
 
 
 @torch.no_grad()

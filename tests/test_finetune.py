@@ -290,6 +290,13 @@ def test_bad_input(pretrained, tmp_path, capsys):
                                            "'hamlet', and a classifier needs two classes or more: add examples of "
                                            "another class\n")
         assert not (tmp_path / "ft").exists()
+    swapped = tmp_path / "swapped.tsv"                 # label first: every line its own class, a silent 0-2 %
+    swapped.write_text("".join(f"{label}\t{sentence}\n" for sentence, label in
+                               (line.rsplit("\t", 1) for line in (tmp / "train.tsv").read_text().splitlines()[1:])))
+    assert finetune.main([f"--init_from={ckpt}", "--mode=probe", f"--train={swapped}", f"--test={tmp / 'test.tsv'}",
+                          "--max_len=32"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {swapped}: ") and "have a label no other line has" in err and err.count("\n") == 1
 
 
 def test_transcribe_names_what_a_text_checkpoint_is(pretrained, tmp_path, capsys):
