@@ -13,8 +13,8 @@ import hashlib
 import json
 import os
 import re
+import sys
 import tarfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +81,8 @@ def _decode(raw: bytes, name: str) -> str:
     text = raw.decode("utf-8", errors="replace")
     n_bad = len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))  # "ignore" drops exactly the bad bytes
     if n_bad:
-        warnings.warn(f"{name}: {n_bad} bytes are not valid UTF-8 and were replaced by U+FFFD; re-save it as UTF-8")
+        print(f"warning: {name}: {n_bad} bytes are not valid UTF-8 and were replaced by U+FFFD; re-save it as UTF-8",
+              file=sys.stderr)
     return text
 
 

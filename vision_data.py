@@ -15,7 +15,7 @@ a pure function of (generator state, data): resuming at step N reproduces the un
 
 import json
 import os
-import warnings
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,7 +116,7 @@ def load_image_folder(
                 images.append(_read_image(path, image_size))
                 labels.append(label)
             except (OSError, ValueError) as e:
-                warnings.warn(f"skipping unreadable image {path}: {e}")
+                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
                 skipped += 1
     if not images:
         raise DataError(f"no readable images under {root}; supported extensions: {sorted(IMAGE_EXTENSIONS)}")

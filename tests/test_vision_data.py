@@ -77,11 +77,13 @@ def write_image_folder(root, size=(20, 14)):
     (root / "dog" / "notes.txt").write_text("not an image, ignored")
 
 
-def test_image_folder_converts_modes_and_skips_corrupt(tmp_path):
+def test_image_folder_converts_modes_and_skips_corrupt(tmp_path, capsys):
     write_image_folder(tmp_path)
     (tmp_path / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    with pytest.warns(UserWarning, match="broken.png"):
-        images, labels, names = load_image_folder(tmp_path, 16)
+    images, labels, names = load_image_folder(tmp_path, 16)
+    err = capsys.readouterr().err
+    broken = tmp_path / "dog" / "broken.png"
+    assert err.startswith(f"warning: skipping unreadable image {broken}: ") and err.count("\n") == 1
     assert names == ["cat", "dog"] and labels.tolist() == [0, 0, 1, 1]
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.uint8
     gray, rgba = images[0], images[1]
@@ -89,7 +91,7 @@ def test_image_folder_converts_modes_and_skips_corrupt(tmp_path):
     assert rgba[0].eq(255).all() and rgba[1:].eq(0).all()                     # alpha dropped, colour kept
 
 
-def test_image_folder_errors(tmp_path):
+def test_image_folder_errors(tmp_path, capsys):
     with pytest.raises(DataError, match="does not exist"):
         load_image_folder(tmp_path / "missing", 16)
     with pytest.raises(DataError, match="no class subfolders"):
@@ -101,8 +103,9 @@ def test_image_folder_errors(tmp_path):
         load_image_folder(tmp_path, 16)                                       # files but no subfolders
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "bad.png").write_bytes(b"garbage")
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="no readable images"):
+    with pytest.raises(DataError, match="no readable images"):
         load_image_folder(tmp_path, 16)
+    assert "warning: skipping unreadable image" in capsys.readouterr().err
 
 
 def test_folder_dataset_layouts(tmp_path):
