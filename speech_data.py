@@ -9,6 +9,7 @@
 - The default corpus is synthesised offline with espeak-ng from the Shakespeare plays in data/ (`prepare_speech`).
 
     python speech_data.py                                            # default corpus -> data/speech
+    python speech_data.py my_audio my_audio/train.tsv                # a manifest of your own audio (no transcripts)
     python speech_data.py LibriSpeech/dev-clean data/librispeech dev_clean   # manifests for a LibriSpeech split
 """
 
@@ -44,6 +45,7 @@ except ImportError:             # Windows: no such guard
     fcntl = None
 
 SAMPLE_RATE = 16000
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")                          # what folder_manifest lists
 CORPUS_DIR = Path(__file__).resolve().parent / "data" / "speech"      # where the espeak-ng corpus is built
 MIN_SAMPLES = 400  # receptive field of the base feature encoder (25 ms): a shorter clip gives no frame at all
 
@@ -114,13 +116,41 @@ def write_manifest(root: Path, files: list[Path], out_tsv: Path, ltr: list[str] 
         out_tsv.with_suffix(".ltr").write_text("".join(line + "\n" for line in ltr))
 
 
+def folder_manifest(audio_dir: Path, out_tsv: Path) -> Path:
+    """A manifest without transcripts of every audio file under audio_dir (AUDIO_EXTENSIONS, any depth), for
+    pre-training on your own audio: writes out_tsv (write_manifest checks every file) and returns its path."""
+    root, out_tsv = Path(audio_dir), Path(out_tsv)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; pass the folder that holds your audio files")
+    if out_tsv.suffix != ".tsv" or out_tsv.is_dir():
+        raise DataError(f"{out_tsv}: name the manifest file to write, ending in .tsv (e.g. {root / 'train.tsv'})")
+    if out_tsv.with_suffix(".ltr").exists():
+        raise DataError(f"{out_tsv.with_suffix('.ltr')} would be read as the new manifest's transcripts: choose "
+                        "another name for it")
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{root}: no {' / '.join(AUDIO_EXTENSIONS)} files under it")
+    write_manifest(root, files, out_tsv)
+    return out_tsv
+
+
 def read_manifest(tsv: Path) -> tuple[Path, list[tuple[str, int]], list[str] | None]:
     """Read a manifest: (root folder, [(relative path, samples)], `.ltr` lines or None when there is no `.ltr`).
     A relative root is taken relative to the manifest's folder."""
     tsv = Path(tsv)
+    if tsv.is_dir():
+        raise DataError(f"{tsv} is a folder, not a manifest: list the audio under it with "
+                        f"`python speech_data.py {tsv} {tsv / 'train.tsv'}` and pass that file")
     if not tsv.is_file():
-        raise DataError(f"{tsv}: no such manifest; write one with write_manifest or librispeech_manifest")
-    lines = tsv.read_text().splitlines()
+        raise DataError(f"{tsv}: no such manifest; `python speech_data.py --help` shows how to write one")
+    if tsv.suffix.lower() in AUDIO_EXTENSIONS:
+        raise DataError(f"{tsv} is an audio file, not a manifest: list your audio files in one with "
+                        f"`python speech_data.py <their folder> train.tsv` and pass that file")
+    try:
+        lines = tsv.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{tsv}: not a manifest (not UTF-8 text); `python speech_data.py --help` shows how to write "
+                        "one") from None
     if not lines:
         raise DataError(f"{tsv}: empty manifest; its first line must be the root folder of the audio files")
     entries = []
@@ -461,6 +491,8 @@ def corpus_summary(stats: dict) -> str:
 
 
 USAGE = ("usage: python speech_data.py [OUT_DIR]                    the espeak-ng corpus (data/speech)\n"
+         "       python speech_data.py AUDIO_DIR OUT_TSV             a manifest of every audio file under AUDIO_DIR "
+         f"({', '.join(AUDIO_EXTENSIONS)}), e.g. my_audio my_audio/train.tsv\n"
          "       python speech_data.py SPLIT_DIR OUT_DIR SPLIT_NAME  manifests for a LibriSpeech split, "
          "e.g. LibriSpeech/dev-clean data/librispeech dev_clean")
 
@@ -476,6 +508,8 @@ def main(argv: list[str]) -> int:
     try:
         if len(argv) == 3:
             print(librispeech_manifest(Path(argv[0]), Path(argv[1]), argv[2]))
+        elif len(argv) == 2:
+            print(folder_manifest(Path(argv[0]), Path(argv[1])))
         elif len(argv) <= 1:
             prepare_speech(*(Path(a) for a in argv))
         else:

@@ -520,9 +520,10 @@ class SpeechTask:
             train_tsv = CORPUS_DIR / "train.tsv"
             if prepare:
                 prepare_speech(train_tsv.parent)
+        train_data = SpeechData(train_tsv, cfg.max_samples)                 # first: it checks what --data names
         held_out = [p for p in (train_tsv.with_name("valid.tsv"), train_tsv.with_name("test.tsv")) if p.is_file()]
         val_tsv = held_out[0] if held_out and held_out[0].resolve() != train_tsv.resolve() else train_tsv
-        self.data = {"train": SpeechData(train_tsv, cfg.max_samples), "val": SpeechData(val_tsv, cfg.max_samples)}
+        self.data = {"train": train_data, "val": SpeechData(val_tsv, cfg.max_samples)}
         for tsv, data in ((train_tsv, self.data["train"]), (val_tsv, self.data["val"])):
             if len(data) < cfg.batch_size:
                 raise DataError(f"{tsv}: {len(data)} utterances, fewer than --batch_size={cfg.batch_size}; "

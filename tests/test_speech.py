@@ -240,6 +240,12 @@ def test_bad_speech_data_is_one_clear_error(speech_corpus, tmp_path, capsys):
     code = train.main([*TINY, f"--data={tmp_path / 'nope.tsv'}", f"--out_dir={tmp_path / 'o'}"])
     err = capsys.readouterr().err
     assert code == 1 and "nope.tsv: no such manifest" in err and len(err.strip().splitlines()) == 1
+    wav = speech_corpus.parent / "audio" / "train" / "0.wav"
+    for data, message in ((tmp_path, "is a folder, not a manifest"), (".", ". is a folder, not a manifest"),
+                          (wav, "0.wav is an audio file, not a manifest")):
+        code = train.main([*TINY, f"--data={data}", f"--out_dir={tmp_path / 'o'}"])
+        err = capsys.readouterr().err
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, err
 
     sf.write(str(tmp_path / "stereo.wav"), np.zeros((8000, 2)), 16000)
     (tmp_path / "bad.tsv").write_text(f"{tmp_path}\nstereo.wav\t8000\n")

@@ -14,8 +14,9 @@ import torch
 
 import speech_data
 from ctc import encode_ltr, normalize_text, text_to_ltr
-from speech_data import (DataError, SpeechData, check_manifest, librispeech_manifest, load_audio, normalize_wave,
-                         one_at_a_time, prepare_speech, read_manifest, resample, shakespeare_lines, write_manifest)
+from speech_data import (DataError, SpeechData, check_manifest, folder_manifest, librispeech_manifest, load_audio,
+                         normalize_wave, one_at_a_time, prepare_speech, read_manifest, resample, shakespeare_lines,
+                         write_manifest)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,6 +94,15 @@ def test_manifest_problems_raise_data_error(corpus: Path, tmp_path: Path):
     corpus.with_suffix(".ltr").write_text("A |\n")
     with pytest.raises(DataError, match="1 lines but"):
         read_manifest(corpus)
+    with pytest.raises(DataError, match="is a folder, not a manifest: list the audio under it with `python "
+                                         f"speech_data.py {tmp_path} {tmp_path / 'train.tsv'}`"):
+        read_manifest(tmp_path)
+    with pytest.raises(DataError, match=r"0\.wav is an audio file, not a manifest"):
+        read_manifest(corpus.parent / "spk0" / "0.wav")
+    binary = tmp_path / "binary.tsv"
+    binary.write_bytes(b"\xff\xfe\x00RIFF")
+    with pytest.raises(DataError, match=r"binary\.tsv: not a manifest \(not UTF-8 text\)"):
+        read_manifest(binary)
 
 
 def test_transcripts_in_words_and_too_few_utterances_raise_data_error(corpus: Path):
@@ -171,6 +181,35 @@ def test_librispeech_manifest(tmp_path: Path):
         librispeech_manifest(tmp_path / "dev-clean", tmp_path / "manifests", "dev_clean")
 
 
+def test_folder_manifest_lists_every_audio_file_under_the_folder(tmp_path: Path, capsys):
+    """Your own audio, at any depth, becomes a manifest without transcripts that SpeechData reads; other files are
+    left out; `python speech_data.py AUDIO_DIR OUT_TSV` does the same."""
+    audio = tmp_path / "my audio"
+    write(audio / "b.wav", 1000)
+    write(audio / "deep" / "er" / "a.wav", 1200)
+    sf.write(str(audio / "c.FLAC"), tone(1300), 16000)
+    (audio / "notes.txt").write_text("not audio")
+    tsv = folder_manifest(audio, tmp_path / "lists" / "mine.tsv")
+    root, entries, ltr = check_manifest(tsv, min_samples=1)
+    assert root.resolve() == audio.resolve() and ltr is None
+    assert entries == [("b.wav", 1000), ("c.FLAC", 1300), ("deep/er/a.wav", 1200)]
+    assert speech_data.main([str(audio), str(audio / "train.tsv")]) == 0
+    assert capsys.readouterr().out == f"{audio / 'train.tsv'}\n"
+    assert (audio / "train.tsv").read_text().splitlines()[0] == "."            # inside the folder: it can move
+    assert len(SpeechData(audio / "train.tsv", 16000, min_samples=1)) == 3
+    for args, message in ((["nowhere", "x.tsv"], "nowhere: no such folder"),
+                          ([str(audio), str(tmp_path / "lists")], "name the manifest file to write, ending in .tsv"),
+                          ([str(tmp_path / "lists"), "x.tsv"], "no .wav / .flac / .ogg files under it")):
+        assert speech_data.main(args) == 1 and message in capsys.readouterr().err
+    (tmp_path / "lists" / "mine.ltr").write_text("A |\n")
+    with pytest.raises(DataError, match=r"mine\.ltr would be read as the new manifest's transcripts"):
+        folder_manifest(audio, tmp_path / "lists" / "mine.tsv")
+    write(audio / "stereo.wav", 1000, channels=2)
+    with pytest.raises(DataError, match=r"stereo\.wav: 2 channels"):
+        folder_manifest(audio, tmp_path / "again.tsv")
+    assert not (tmp_path / "again.tsv").exists()
+
+
 def test_resample_keeps_tones_and_removes_aliases():
     t = torch.arange(22050) / 22050
     for hz, expected in ((440, 1.0), (3000, 1.0), (10000, 0.0)):              # 10 kHz is above the new Nyquist
@@ -247,5 +286,6 @@ def test_command_line_help_and_bad_arguments(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert speech_data.main(["--help"]) == 0 and "usage: python speech_data.py" in capsys.readouterr().out
     assert speech_data.main(["--out=x"]) == 2 and "--out=x is not an argument" in capsys.readouterr().err
-    assert speech_data.main(["a", "b"]) == 2 and "usage:" in capsys.readouterr().err
+    assert speech_data.main(["a", "b", "c", "d"]) == 2 and "usage:" in capsys.readouterr().err
+    assert speech_data.main(["a", "b.tsv"]) == 1 and "a: no such folder" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
