@@ -128,6 +128,8 @@ def read_tsv(path: Path) -> tuple[list[str], list[str]]:
     """(sentences, labels) of a GLUE-style `sentence<TAB>label` file such as SST-2's train.tsv / dev.tsv.
     The header line `sentence\\tlabel` is optional; blank lines are skipped; the label follows the last tab."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder: pass a TSV file of lines `sentence<TAB>label`")
     if not path.is_file():
         raise DataError(f"TSV file {path} does not exist: expected lines `sentence<TAB>label`")
     try:

@@ -237,6 +237,8 @@ def test_read_tsv(tmp_path):
         read_tsv(f)
     with pytest.raises(DataError, match="missing.tsv"):
         read_tsv(tmp_path / "missing.tsv")
+    with pytest.raises(DataError, match="is a folder: pass a TSV file"):
+        read_tsv(tmp_path)
     f.write_text("\ufeffsentence\tlabel\nhi\t1\n", encoding="utf-8")          # a spreadsheet's byte-order mark
     assert read_tsv(f) == (["hi"], ["1"])
     f.write_bytes("café\t1\n".encode("latin-1"))
