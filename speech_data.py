@@ -45,7 +45,7 @@ except ImportError:             # Windows: no such guard
     fcntl = None
 
 SAMPLE_RATE = 16000
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")                          # what folder_manifest lists
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")                          # what audio_files lists
 CORPUS_DIR = Path(__file__).resolve().parent / "data" / "speech"      # where the espeak-ng corpus is built
 MIN_SAMPLES = 400  # receptive field of the base feature encoder (25 ms): a shorter clip gives no frame at all
 
@@ -116,20 +116,27 @@ def write_manifest(root: Path, files: list[Path], out_tsv: Path, ltr: list[str] 
         out_tsv.with_suffix(".ltr").write_text("".join(line + "\n" for line in ltr))
 
 
-def folder_manifest(audio_dir: Path, out_tsv: Path) -> Path:
-    """A manifest without transcripts of every audio file under audio_dir (AUDIO_EXTENSIONS, any depth), for
-    pre-training on your own audio: writes out_tsv (write_manifest checks every file) and returns its path."""
-    root, out_tsv = Path(audio_dir), Path(out_tsv)
+def audio_files(root: Path) -> list[Path]:
+    """Every audio file (AUDIO_EXTENSIONS, any case) under the folder root, at any depth, sorted."""
+    root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; pass the folder that holds your audio files")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{root}: no {' / '.join(AUDIO_EXTENSIONS)} files under it")
+    return files
+
+
+def folder_manifest(audio_dir: Path, out_tsv: Path) -> Path:
+    """A manifest without transcripts of every audio file under audio_dir (audio_files), for pre-training on your
+    own audio: writes out_tsv (write_manifest checks every file) and returns its path."""
+    root, out_tsv = Path(audio_dir), Path(out_tsv)
+    files = [p.relative_to(root) for p in audio_files(root)]
     if out_tsv.suffix != ".tsv" or out_tsv.is_dir():
         raise DataError(f"{out_tsv}: name the manifest file to write, ending in .tsv (e.g. {root / 'train.tsv'})")
     if out_tsv.with_suffix(".ltr").exists():
         raise DataError(f"{out_tsv.with_suffix('.ltr')} would be read as the new manifest's transcripts: choose "
                         "another name for it")
-    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
-    if not files:
-        raise DataError(f"{root}: no {' / '.join(AUDIO_EXTENSIONS)} files under it")
     write_manifest(root, files, out_tsv)
     return out_tsv
 

@@ -2,6 +2,7 @@
 
     python finetune.py --modality=speech --init_from=out-speech/ckpt.pt --save=out-ctc/ctc.pt   # a CTC checkpoint
     python transcribe.py --ckpt=out-ctc/ctc.pt a.wav b.flac
+    python transcribe.py --ckpt=out-ctc/ctc.pt my_audio/                    # every .wav / .flac / .ogg under it
     python transcribe.py --ckpt=facebook/data2vec-audio-base-960h a.wav     # an official CTC checkpoint (hf.py)
 
 Audio must be 16 kHz mono (speech_data's checks name the file and the fix). Every file is normalised to zero mean
@@ -17,7 +18,7 @@ import torch
 import hf
 from ctc import VOCAB, greedy_decode
 from finetune import CTCModel
-from speech_data import audio_samples, load_audio, normalize_wave
+from speech_data import audio_files, audio_samples, load_audio, normalize_wave
 from text_data import DataError
 from train import CheckpointError, Config, ConfigError, load_checkpoint, load_state, setup_system, speech_model
 
@@ -63,14 +64,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ckpt", required=True, help="finetune.py --save file, or an official CTC checkpoint "
                         "(save_pretrained folder or hub name, e.g. facebook/data2vec-audio-base-960h)")
     parser.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda, cuda:N or mps")
-    parser.add_argument("files", nargs="+", type=Path, help="16 kHz mono audio files (wav, flac, ...)")
+    parser.add_argument("files", nargs="+", type=Path, help="16 kHz mono audio files (wav, flac, ...), or folders: "
+                        "every .wav, .flac and .ogg file under each")
     args = parser.parse_args(argv)
     try:
         _, _, device, _ = setup_system(Config(device=args.device))
-        for path in args.files:                       # every file checked before the model loads: fail fast
+        files = [f for path in args.files for f in (audio_files(path) if path.is_dir() else [path])]
+        for path in files:                            # every file checked before the model loads: fail fast
             audio_samples(path)
         model = load_ctc(args.ckpt).to(device)
-        for path in args.files:
+        for path in files:
             print(f"{path}\t{transcribe_file(model, path, device)}")
     except (CheckpointError, ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -299,6 +299,11 @@ def test_official_ctc_checkpoint_fine_tunes_then_transcribes(speech_manifest, tm
         assert transcribe.main([f"--ckpt={ckpt}", *map(str, wavs)]) == 0
         lines = capsys.readouterr().out.splitlines()
         assert [line.split("\t")[0] for line in lines] == list(map(str, wavs))
+    assert transcribe.main([f"--ckpt={folder}", str(speech_manifest.parent)]) == 0  # audio folder: every file in it
+    assert capsys.readouterr().out.splitlines() == lines                           # as listed one by one
+    (tmp_path / "empty").mkdir()
+    assert transcribe.main([f"--ckpt={saved}", str(tmp_path / "empty")]) == 1
+    assert "empty: no .wav / .flac / .ogg files under it" in capsys.readouterr().err
 
     sf.write(str(tmp_path / "8k.wav"), np.zeros(8000), 8000)
     assert transcribe.main([f"--ckpt={saved}", str(tmp_path / "8k.wav")]) == 1
