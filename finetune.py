@@ -361,6 +361,15 @@ def subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     return torch.cat(keep).sort().values
 
 
+def genre_dir(fc: FinetuneConfig) -> Path:
+    """The embedded corpus's prepared folder, whose genre/ holds the default task (prepared here unless --train and
+    --test name other files): for a checkpoint pretrained on other text (--data) or an official one."""
+    data_dir = text_data_dir(Config())
+    if not fc.train:
+        prepare_text(None, data_dir)
+    return data_dir
+
+
 def load_task(fc: FinetuneConfig, data_dir: Path) -> tuple[list[str], list[str], list[str], list[str]]:
     if bool(fc.train) != bool(fc.test):
         raise ConfigError("pass both --train and --test (TSV files), or neither for the default genre task")
@@ -434,15 +443,13 @@ def run_text(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torch.
         if tok.pad_token_id != hf.TEXT_PAD_ID:
             raise ConfigError(f"{fc.init_from}: the tokenizer pads with id {tok.pad_token_id}, the model with "
                               f"{hf.TEXT_PAD_ID}")
-        data_dir = text_data_dir(Config())
-        if not fc.train:
-            prepare_text(None, data_dir)
+        data_dir = genre_dir(fc)
         encode = lambda texts: tok(texts, max_length=fc.max_len, truncation=True, padding="max_length",
                                    return_tensors="pt")["input_ids"]                       # (N, max_len)
         build = lambda: hf.build(cfg)
     else:
         task = TASKS["text"](cfg, prepare=True)
-        data_dir, build = task.data_dir, task.build_model
+        data_dir, build = (genre_dir(fc) if cfg.data else task.data_dir), task.build_model
         encode = lambda texts: encode_texts(task.data.enc, texts, fc.max_len, task.data.meta)  # (N, max_len)
     tr_text, tr_label, te_text, te_label = load_task(fc, data_dir)
     if cfg.block_size < fc.max_len:

@@ -299,6 +299,16 @@ def test_bad_input(pretrained, tmp_path, capsys):
     assert err.startswith(f"error: {swapped}: ") and "have a label no other line has" in err and err.count("\n") == 1
 
 
+def test_a_run_on_other_text_reads_the_default_task_from_the_embedded_corpus(pretrained, capsys):
+    """Pretrained on --data (two plays) and fine-tuned without --train / --test: the genre task's passages come from
+    the embedded corpus (prepared there if need be), encoded with the checkpoint's own tokenizer."""
+    ckpt, _ = pretrained
+    args = [f"--init_from={ckpt}", "--mode=probe", "--max_len=32", "--label_fraction=0.05", "--probe_epochs=1"]
+    assert finetune.main(args) == 0
+    out = capsys.readouterr().out
+    assert "classes ['comedy', 'history', 'tragedy']" in out and "test accuracy" in out
+
+
 def test_transcribe_names_what_a_text_checkpoint_is(pretrained, tmp_path, capsys):
     ckpt, _ = pretrained
     sf.write(str(tmp_path / "a.wav"), np.zeros(1600, dtype=np.float32), 16000)
