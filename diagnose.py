@@ -199,6 +199,9 @@ def diagnose(dc: DiagnoseConfig) -> dict[str, float | int | list[float] | dict]:
         raise ConfigError(f"--batches={dc.batches}: needs at least 1")
     path = Path(dc.ckpt)
     ckpt = load_checkpoint(path, "pass the ckpt.pt of a train.py run, e.g. --ckpt=out-text/ckpt.pt")
+    if "teacher" not in ckpt:
+        raise CheckpointError(f"{path} holds no EMA teacher, so it is not a pretraining checkpoint (it looks like "
+                              "finetune.py's --save, a fine-tuned model): pass the ckpt.pt of a train.py run")
     cfg = Config(**ckpt["config"])
     task = TASKS[cfg.modality](cfg, prepare=True)
     model = task.build_model()

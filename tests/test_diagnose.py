@@ -173,6 +173,10 @@ def test_diagnose_a_tiny_text_checkpoint(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert diagnose.main([f"--ckpt={tmp_path / 'out' / 'ckpt.pt'}", "--batches=0"]) == 1
     assert "--batches=0: needs at least 1" in capsys.readouterr().err
+    saved = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
+    torch.save(dict(model=saved["model"], config=saved["config"]), tmp_path / "finetuned.pt")   # --save's keys
+    assert diagnose.main([f"--ckpt={tmp_path / 'finetuned.pt'}"]) == 1
+    assert "finetuned.pt holds no EMA teacher, so it is not a pretraining checkpoint" in capsys.readouterr().err
 
 
 def test_diagnose_a_masked_lm_checkpoint(tmp_path, capsys):
