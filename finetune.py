@@ -378,8 +378,9 @@ def load_task(fc: FinetuneConfig, data_dir: Path) -> tuple[list[str], list[str],
     if not fc.train and not train_path.exists():
         raise DataError(f"{train_path} is missing: run `python train.py --modality=text` first (it prepares the data)")
     sentences, labels = read_tsv(train_path)
-    once = [label for label, n in Counter(labels).items() if n == 1]
-    if len(set(labels)) > 10 and 2 * len(once) > len(labels):
+    counts = Counter(labels)
+    once = [label for label, n in counts.items() if n == 1]
+    if len(counts) > 10 and 2 * len(once) > len(labels):
         # a label column holding text (columns swapped, or a TSV of another layout): every line its own class
         raise DataError(f"{train_path}: {len(once)} of its {len(labels)} lines have a label no other line has (e.g. "
                         f"{once[0][:40]!r}): is the label in another column? Each line is read as "
