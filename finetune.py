@@ -54,6 +54,7 @@ from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, TASKS, Co
                    save_checkpoint, set_rng_state, setup_system, speech_model, split_help, stop_requests,
                    text_data_dir, usage)
 from transformer import Transformer
+from vision_data import UNLABELLED
 
 
 @dataclass
@@ -509,6 +510,9 @@ def fit_and_test(model: Probed, fc: FinetuneConfig, train: tuple, test: tuple, a
     if len(present) < 2:
         # one class: any classifier scores 100 %, which says nothing
         where = fc.train or fc.data or "the training data"
+        if classes == [UNLABELLED]:
+            raise DataError(f"{where} holds images without class subfolders, enough to pretrain but not to train a "
+                            f"classifier: lay them out as {where}/<class name>/<image>.png")
         raise DataError(f"{where}: every training example is of class {classes[int(present[0])]!r}, and a "
                         "classifier needs two classes or more: add examples of another class")
     print(f"{fc.mode} on {len(x_train)} training / {len(x_test)} test examples, {len(classes)} classes "

@@ -469,7 +469,8 @@ def text_data_dir(cfg: Config) -> Path:
 
 class VisionTask:
     """Vision: patch embedding with a CLS token, BEiT block masking, BEiT's augmentations (SPEC §2). The data are the
-    bundled digits (data/digits), or --data=<folder> with one subfolder of images per class (labels unused here)."""
+    bundled digits (data/digits), or --data=<folder> with one subfolder of images per class, or the images straight
+    in it (pretraining reads no labels)."""
 
     def __init__(self, cfg: Config, prepare: bool):
         self.cfg = cfg

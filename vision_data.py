@@ -5,8 +5,9 @@ Two sources, one interface (`ImageData`):
   download), prepared once into data/digits/ with a fixed stratified 80/20 train/test split. One channel,
   upsampled to `image_size` (default 32: patch 8 gives a 4x4 grid, patch 4 an 8x8 grid).
 - `ImageData.folder(root)`: the usual `root/<class>/<image>` layout (or `root/train/<class>/...` plus
-  `root/val/<class>/...`), decoded once with Pillow into memory as uint8 RGB at `image_size` (shorter side resized,
-  centre crop): 3 * image_size^2 bytes per image, so meant for small folders, not ImageNet.
+  `root/val/<class>/...`; images straight in the folder are one class, UNLABELLED, for pretraining), decoded once
+  with Pillow into memory as uint8 RGB at `image_size` (shorter side resized, centre crop): 3 * image_size^2 bytes
+  per image, so meant for small folders, not ImageNet.
 
 Augmentations follow data2vec's vision recipe (BEiT's pre-training transform: colour jitter 0.4, horizontal flip,
 random resized crop), written as batched torch ops that draw every random number from one generator, so a batch is
@@ -28,6 +29,7 @@ from text_data import DataError  # one error class for bad user data: train.py a
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+UNLABELLED = "(unlabelled)"   # the one class of a folder of images without class subfolders
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -91,6 +93,7 @@ def load_image_folder(
     root: Path, image_size: int, class_names: list[str] | None = None
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Read `root/<class>/<image>` into memory. Unreadable images are skipped with a warning naming each file.
+    Images straight in root, without subfolders, are one class, UNLABELLED: enough to pretrain, which reads no labels.
 
     class_names: the label order to use (a validation folder reuses the training folder's); default: the sorted
     subfolder names. Returns (images (N, 3, S, S) uint8, labels (N,) long, class_names).
@@ -99,16 +102,19 @@ def load_image_folder(
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
         raise DataError(f"image folder {root} {what}; pass the folder that holds one subfolder per class")
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not found:
-        raise DataError(f"{root} has no class subfolders; lay images out as {root}/<class name>/<image>.png")
-    class_names = class_names or found
-    unknown = sorted(set(found) - set(class_names))
+    folders = {d.name: d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    if not folders and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir()):
+        folders = {UNLABELLED: root}
+    if not folders:
+        raise DataError(f"{root} has no images and no class subfolders; lay images out as "
+                        f"{root}/<class name>/<image>.png (or straight in {root} to pretrain only)")
+    class_names = class_names or list(folders)
+    unknown = sorted(set(folders) - set(class_names))
     if unknown:
         raise DataError(f"{root} has classes {unknown} that the training folder lacks; make the class folders match")
     images, labels, skipped = [], [], 0
     for label, name in enumerate(class_names):
-        files = sorted((root / name).iterdir()) if (root / name).is_dir() else []
+        files = sorted(folders[name].iterdir()) if name in folders else []
         for path in files:
             if path.suffix.lower() not in IMAGE_EXTENSIONS:
                 continue

@@ -139,7 +139,7 @@ def test_bad_image_folders(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "classes" / "cat").mkdir(parents=True)
     (tmp_path / "classes" / "cat" / "notes.txt").write_text("no images here")
-    for folder, message in [("empty", "no class subfolders"), ("classes", "no readable images"),
+    for folder, message in [("empty", "has no images and no class subfolders"), ("classes", "no readable images"),
                             ("missing", "does not exist")]:
         code = train.main([*TINY, f"--data={tmp_path / folder}", f"--out_dir={tmp_path / 'o'}"])
         err = capsys.readouterr().err
@@ -159,3 +159,18 @@ def test_fine_tuning_on_a_folder_of_one_class_is_refused(tmp_path, capsys):
                                            "'cat', and a classifier needs two classes or more: add examples of "
                                            "another class\n")
         assert not (tmp_path / "ft").exists()
+
+
+def test_a_folder_without_classes_pretrains_and_fine_tuning_asks_for_them(tmp_path, capsys):
+    """Images straight in --data: pretraining reads no labels and runs; fine-tuning names the layout it needs."""
+    (tmp_path / "imgs").mkdir()
+    for i in range(10):
+        Image.new("RGB", (12, 12), (20 * i, 0, 0)).save(tmp_path / "imgs" / f"{i}.png")
+    assert train.main([*TINY, "--max_iters=1", f"--data={tmp_path / 'imgs'}", f"--out_dir={tmp_path / 'pre'}"]) == 0
+    capsys.readouterr()
+    args = ["--modality=vision", f"--init_from={tmp_path / 'pre' / 'ckpt.pt'}", "--mode=probe",
+            f"--data={tmp_path / 'imgs'}"]
+    assert finetune.main(args) == 1
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'imgs'} holds images without class subfolders, enough to "
+                                       "pretrain but not to train a classifier: lay them out as "
+                                       f"{tmp_path / 'imgs'}/<class name>/<image>.png\n")

@@ -9,6 +9,7 @@ from PIL import Image
 from vision_data import (
     DataError,
     ImageData,
+    UNLABELLED,
     color_jitter,
     hflip,
     load_image_folder,
@@ -94,18 +95,41 @@ def test_image_folder_converts_modes_and_skips_corrupt(tmp_path, capsys):
 def test_image_folder_errors(tmp_path, capsys):
     with pytest.raises(DataError, match="does not exist"):
         load_image_folder(tmp_path / "missing", 16)
-    with pytest.raises(DataError, match="no class subfolders"):
+    with pytest.raises(DataError, match="has no images and no class subfolders"):
         load_image_folder(tmp_path, 16)                                       # empty
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="has no images and no class subfolders"):
+        load_image_folder(tmp_path, 16)                                       # files, but no images, no subfolders
     (tmp_path / "loose.png").write_bytes(b"")
     with pytest.raises(DataError, match="is a file, not a folder"):
         load_image_folder(tmp_path / "loose.png", 16)
-    with pytest.raises(DataError, match="no class subfolders"):
-        load_image_folder(tmp_path, 16)                                       # files but no subfolders
+    with pytest.raises(DataError, match="no readable images"):
+        load_image_folder(tmp_path, 16)                                       # straight in the folder: unlabelled
+    assert "warning: skipping unreadable image" in capsys.readouterr().err
+    (tmp_path / "loose.png").unlink()
     (tmp_path / "cls").mkdir()
     (tmp_path / "cls" / "bad.png").write_bytes(b"garbage")
     with pytest.raises(DataError, match="no readable images"):
         load_image_folder(tmp_path, 16)
     assert "warning: skipping unreadable image" in capsys.readouterr().err
+
+
+def test_images_without_class_subfolders_are_one_unlabelled_class(tmp_path):
+    """Pretraining reads no labels, so a plain folder of images (no subfolders) is enough: one class, UNLABELLED,
+    split 80/20 like any other; the train/val layout works the same way."""
+    for i in range(5):
+        Image.new("RGB", (12, 12), (40 * i, 0, 0)).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image, ignored")
+    images, labels, names = load_image_folder(tmp_path, 16)
+    assert names == [UNLABELLED] and labels.tolist() == [0] * 5 and images.shape == (5, 3, 16, 16)
+    data = ImageData.folder(tmp_path, image_size=16)
+    assert (len(data.labels["train"]), len(data.labels["test"])) == (4, 1)
+    for split in ("train", "val"):
+        (tmp_path / "split" / split).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (12, 12), (0, 40 * i, 0)).save(tmp_path / "split" / split / f"{i}.png")
+    data = ImageData.folder(tmp_path / "split", image_size=16)
+    assert data.class_names == [UNLABELLED] and len(data.labels["train"]) == len(data.labels["test"]) == 2
 
 
 def test_folder_dataset_layouts(tmp_path):
