@@ -489,6 +489,9 @@ def run_vision(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
         cfg = replace(cfg, data=fc.data)
     task = TASKS["vision"](cfg, prepare=True)
     data = task.data
+    if data.class_names == [UNLABELLED]:
+        raise DataError(f"{cfg.data} holds images without class subfolders, enough to pretrain but not to train a "
+                        f"classifier: lay them out as {cfg.data}/<class name>/<image>.png")
     keep = subset(data.labels["train"], fc.label_fraction, fc.seed)
     x_train, y_train = data.images["train"][keep], data.labels["train"][keep]     # (N, C, h, w) uint8, (N,)
     encoder, transformer = init_student(fc, task.build_model, state)
@@ -510,9 +513,6 @@ def fit_and_test(model: Probed, fc: FinetuneConfig, train: tuple, test: tuple, a
     if len(present) < 2:
         # one class: any classifier scores 100 %, which says nothing
         where = fc.train or fc.data or "the training data"
-        if classes == [UNLABELLED]:
-            raise DataError(f"{where} holds images without class subfolders, enough to pretrain but not to train a "
-                            f"classifier: lay them out as {where}/<class name>/<image>.png")
         raise DataError(f"{where}: every training example is of class {classes[int(present[0])]!r}, and a "
                         "classifier needs two classes or more: add examples of another class")
     print(f"{fc.mode} on {len(x_train)} training / {len(x_test)} test examples, {len(classes)} classes "
