@@ -131,13 +131,12 @@ def folder_manifest(audio_dir: Path, out_tsv: Path) -> Path:
     """A manifest without transcripts of every audio file under audio_dir (audio_files), for pre-training on your
     own audio: writes out_tsv (write_manifest checks every file) and returns its path."""
     root, out_tsv = Path(audio_dir), Path(out_tsv)
-    files = [p.relative_to(root) for p in audio_files(root)]
     if out_tsv.suffix != ".tsv" or out_tsv.is_dir():
         raise DataError(f"{out_tsv}: name the manifest file to write, ending in .tsv (e.g. {root / 'train.tsv'})")
     if out_tsv.with_suffix(".ltr").exists():
         raise DataError(f"{out_tsv.with_suffix('.ltr')} would be read as the new manifest's transcripts: choose "
                         "another name for it")
-    write_manifest(root, files, out_tsv)
+    write_manifest(root, [p.relative_to(root) for p in audio_files(root)], out_tsv)
     return out_tsv
 
 
