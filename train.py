@@ -7,7 +7,8 @@ Several GPUs on one machine (or CPU processes, gloo):
 Several machines: torchrun's usual --nnodes/--node_rank/--master_addr/--master_port flags.
 
 Settings: a dataclass Config below; a modality preset (`--preset=small|base|large`) applies first, then
-`--key=value` overrides, each type-checked against the field. `--resume` continues the run in --out_dir exactly.
+`--key=value` overrides, each type-checked against the field. `--resume` continues the run in --out_dir exactly,
+with the settings it was started with; those given again on the command line override them (a larger --max_iters).
 `--help` lists every setting with the value it takes (`python train.py --modality=speech --help`: speech's preset).
 Ctrl-C or SIGTERM saves the update in progress and stops; `--resume` continues from it.
 """
@@ -364,6 +365,8 @@ ONLY = {
 def parse_args(argv: list[str]) -> Config:
     """--key=value overrides on top of the modality's preset. Unknown keys get a suggestion."""
     overrides = parse_overrides(Config, argv)
+    if overrides.get("resume"):
+        overrides = {**resumed_settings(overrides), **overrides}
     modality = overrides.get("modality", Config.modality)
     preset = overrides.get("preset", Config.preset)
     if modality not in PRESETS:
@@ -375,6 +378,28 @@ def parse_args(argv: list[str]) -> Config:
     if not cfg.out_dir:
         cfg.out_dir = f"out-{cfg.modality}"
     return cfg
+
+
+# the run's folder and the request to resume it are the command's own, never the checkpoint's
+NOT_RESUMED = ("out_dir", "resume")
+
+
+def resumed_settings(overrides: dict) -> dict:
+    """--resume: the settings the command line leaves out come from the checkpoint, so `--resume --out_dir=X`
+    continues run X as it was configured (and `--max_iters`, say, given again, overrides its value). {} when there
+    is no checkpoint, or when the command names another modality or preset: run() then says what does not fit."""
+    modality = overrides.get("modality", Config.modality)
+    path = Path(overrides.get("out_dir") or f"out-{modality}") / "ckpt.pt"
+    if not path.is_file():
+        return {}
+    try:    # mmap: the config without reading the tensors (every torchrun process parses the command line)
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config", {})
+    except Exception:
+        saved = load_checkpoint(path)["config"]     # a corrupt file: its CheckpointError
+    if any(k in overrides and overrides[k] != saved.get(k, overrides[k]) for k in ("modality", "preset")):
+        return {}
+    names = {f.name for f in fields(Config)} - set(NOT_RESUMED)
+    return {k: v for k, v in saved.items() if k in names}
 
 
 def check_config(cfg: Config) -> None:
@@ -931,7 +956,11 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
             scaler.load_state_dict(ckpt["scaler"])
         step, history = ckpt["step"], ckpt["history"]
         set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
-        say(f"resuming {ckpt_path} at step {step}")
+        saved = ckpt["config"]
+        changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in saved
+                   if k not in NOT_RESUMED and hasattr(cfg, k) and saved[k] != getattr(cfg, k)]
+        say(f"resuming {ckpt_path} at step {step}" + (f"; changed on the command line: {', '.join(changed)}"
+                                                       if changed else ""))
         if step >= cfg.max_iters:
             say(f"the run has already made {step} updates, --max_iters={cfg.max_iters}: nothing left to train; "
                 "a larger --max_iters trains on")

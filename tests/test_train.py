@@ -269,7 +269,7 @@ def test_resume_reproduces_the_uninterrupted_run(corpus, tmp_path, monkeypatch, 
         run([*args, f"--out_dir={tmp_path / 'resumed'}"])
     monkeypatch.setattr(train, "save_checkpoint", save)
     assert torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)["step"] == 4
-    assert run([*args, f"--out_dir={tmp_path / 'resumed'}", "--resume"])[0] == 0
+    assert run([f"--out_dir={tmp_path / 'resumed'}", "--resume"])[0] == 0      # every other setting: the checkpoint's
 
     a = torch.load(tmp_path / "straight" / "ckpt.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "ckpt.pt", weights_only=True)
@@ -400,6 +400,18 @@ def test_a_batch_without_masked_steps_is_named(corpus, tmp_path, capsys):
     """<s> and </s> are never masked, so 2-token sequences have nothing to predict: say so, not "the loss is nan"."""
     code, err = run([*TINY, f"--data={corpus}", "--block_size=2", f"--out_dir={tmp_path}"], capsys)
     assert code == 1 and "no held-out step was masked" in err and "--mask_prob" in err
+
+
+def test_resume_takes_the_checkpoints_settings_and_the_command_line_overrides_them(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run([*TINY, f"--data={corpus}", "--max_iters=2", "--lr=1e-3", "--mask_prob=0.2", f"--out_dir={out}"])[0] == 0
+    capsys.readouterr()
+    assert run([f"--out_dir={out}", "--resume", "--max_iters=3"])[0] == 0
+    assert f"resuming {out / 'ckpt.pt'} at step 2; changed on the command line: max_iters 2 -> 3\n" in (
+        capsys.readouterr().out)
+    config = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert (config["max_iters"], config["lr"], config["mask_prob"], config["n_layer"]) == (3, 1e-3, 0.2, 2)
+    assert parse_args([f"--out_dir={tmp_path / 'none'}", "--resume"]).n_layer == 4     # no checkpoint: the preset
 
 
 def test_resume_in_another_precision(corpus, tmp_path):
