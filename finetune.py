@@ -13,7 +13,8 @@
     python finetune.py --modality=speech --init_from=facebook/data2vec-audio-base --save=out-ctc/ctc.pt  # official
 
 Fine-tuning saves its state every --ckpt_interval updates and when Ctrl-C or SIGTERM stops it (in --out_dir,
-out-finetune-<modality> by default); the same command with --resume continues exactly. The probe keeps nothing.
+out-finetune-<modality> by default); the same command with --resume continues exactly, and so does --resume with
+only the --out_dir (settings left out come from the saved state). The probe keeps nothing.
 
 --init_from also takes an official checkpoint (a Hugging Face save_pretrained folder, or a hub name when online):
 hf.py converts it into the same modules, so it fine-tunes exactly like one of ours (text: with its own tokenizer).
@@ -49,10 +50,10 @@ from masking import span_mask
 from speech_data import CORPUS_DIR, Batch, SpeechData, prepare_speech
 from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, TASKS, Config, CheckpointError,
-                   ConfigError, Interrupted, PRESETS, check_compatible, check_numbers, check_read, hold_dir,
-                   load_checkpoint, load_state, lr_at, make_dir, out_of_memory, parse_overrides, rng_state,
-                   save_checkpoint, set_rng_state, setup_system, speech_model, split_help, stop_requests,
-                   text_data_dir, usage)
+                   ConfigError, Interrupted, PRESETS, changed_settings, check_compatible, check_numbers, check_read,
+                   hold_dir, load_checkpoint, load_state, lr_at, make_dir, out_of_memory, parse_overrides,
+                   resumed_settings, rng_state, save_checkpoint, set_rng_state, setup_system, speech_model,
+                   split_help, stop_requests, text_data_dir, usage)
 from transformer import Transformer
 from vision_data import UNLABELLED
 
@@ -307,7 +308,7 @@ class RunFile:
         generator.set_state(self.saved["generator"])                    # data order, augmentation, masks
         loop = self.saved["loop"]
         self.last_step = loop["step"]
-        print(f"resuming {self.path} at update {loop['step']}")
+        print(f"resuming {self.path} at update {loop['step']}{changed_settings(self.saved['config'], self.fc)}")
         return loop
 
     def save(self, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
@@ -801,6 +802,10 @@ DEFAULTS = {
 def parse_config(argv: list[str]) -> FinetuneConfig:
     overrides = parse_overrides(FinetuneConfig, argv)
     modality = overrides.get("modality", FinetuneConfig.modality)
+    if overrides.get("resume"):
+        path = state_dir(FinetuneConfig(**overrides)) / "state.pt"
+        overrides = {**resumed_settings(path, FinetuneConfig, overrides), **overrides}
+        modality = overrides.get("modality", modality)
     return FinetuneConfig(**{**DEFAULTS.get(modality, {}), **overrides})
 
 

@@ -365,9 +365,11 @@ ONLY = {
 def parse_args(argv: list[str]) -> Config:
     """--key=value overrides on top of the modality's preset. Unknown keys get a suggestion."""
     overrides = parse_overrides(Config, argv)
-    if overrides.get("resume"):
-        overrides = {**resumed_settings(overrides), **overrides}
     modality = overrides.get("modality", Config.modality)
+    if overrides.get("resume"):
+        path = Path(overrides.get("out_dir") or f"out-{modality}") / "ckpt.pt"
+        overrides = {**resumed_settings(path, Config, overrides), **overrides}
+        modality = overrides.get("modality", modality)
     preset = overrides.get("preset", Config.preset)
     if modality not in PRESETS:
         raise ConfigError(f"unknown modality {modality!r}: choose one of {', '.join(PRESETS)}")
@@ -380,26 +382,32 @@ def parse_args(argv: list[str]) -> Config:
     return cfg
 
 
-# the run's folder and the request to resume it are the command's own, never the checkpoint's
+# the run's folder and the request to resume it are the command's own, never the saved run's
 NOT_RESUMED = ("out_dir", "resume")
 
 
-def resumed_settings(overrides: dict) -> dict:
-    """--resume: the settings the command line leaves out come from the checkpoint, so `--resume --out_dir=X`
-    continues run X as it was configured (and `--max_iters`, say, given again, overrides its value). {} when there
-    is no checkpoint, or when the command names another modality or preset: run() then says what does not fit."""
-    modality = overrides.get("modality", Config.modality)
-    path = Path(overrides.get("out_dir") or f"out-{modality}") / "ckpt.pt"
+def resumed_settings(path: Path, cls: type, overrides: dict) -> dict:
+    """--resume: the settings the command line leaves out come from the saved run at `path` (train.py's ckpt.pt,
+    finetune.py's state.pt; cls: the script's config dataclass), so `--resume --out_dir=X` continues run X as it was
+    started; a setting given again overrides it. {} when there is no such file, a corrupt one, or when the command
+    names another modality or preset: the run, which reads the file again, then says what is wrong."""
     if not path.is_file():
         return {}
     try:    # mmap: the config without reading the tensors (every torchrun process parses the command line)
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("config", {})
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
     except Exception:
-        saved = load_checkpoint(path)["config"]     # a corrupt file: its CheckpointError
+        return {}
     if any(k in overrides and overrides[k] != saved.get(k, overrides[k]) for k in ("modality", "preset")):
         return {}
-    names = {f.name for f in fields(Config)} - set(NOT_RESUMED)
+    names = {f.name for f in fields(cls)} - set(NOT_RESUMED)
     return {k: v for k, v in saved.items() if k in names}
+
+
+def changed_settings(saved: dict, cfg: object) -> str:
+    """For the resuming line: the settings of cfg that differ from the saved run's config."""
+    changed = [f"{k} {v!r} -> {getattr(cfg, k)!r}" for k, v in saved.items()
+               if k not in NOT_RESUMED and hasattr(cfg, k) and v != getattr(cfg, k)]
+    return f"; changed on the command line: {', '.join(changed)}" if changed else ""
 
 
 def check_config(cfg: Config) -> None:
@@ -834,8 +842,8 @@ def check_compatible(ckpt: dict, cfg: object, path: Path, keys: Sequence[str] = 
     config = ckpt.get("config", {})
     if "modality" in keys and config.get("modality", cfg.modality) != cfg.modality:
         # every other setting would differ too
-        raise CheckpointError(f"{path} is a {config['modality']} run: pass --modality={config['modality']} (and its "
-                              f"other settings) to resume it, or choose another --out_dir")
+        raise CheckpointError(f"{path} is a {config['modality']} run: leave --modality out to resume it (the "
+                              f"saved run's settings are used), or choose another --out_dir")
     defaults = {f.name: f.default for f in fields(cfg)}           # a field added since the checkpoint: its default
     saved = {k: config.get(k, defaults[k]) for k in keys}
     diff = [f"{k}={saved[k]!r} (now {getattr(cfg, k)!r})" for k in keys if saved[k] != getattr(cfg, k)]
@@ -843,8 +851,8 @@ def check_compatible(ckpt: dict, cfg: object, path: Path, keys: Sequence[str] = 
         # the preset chose most of them: the likeliest fix
         diff.insert(0, f"preset={config['preset']!r} (now {cfg.preset!r})")
     if diff:
-        raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}. Resume with the same "
-                              f"settings, or start a new run in another --out_dir")
+        raise CheckpointError(f"{path} was trained with other settings: {', '.join(diff)}. Leave those out to "
+                              f"resume with the saved values, or start a new run in another --out_dir")
 
 
 def load_state(module: torch.nn.Module, state: dict, what: str, path: Path) -> None:
@@ -956,11 +964,7 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
             scaler.load_state_dict(ckpt["scaler"])
         step, history = ckpt["step"], ckpt["history"]
         set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])])
-        saved = ckpt["config"]
-        changed = [f"{k} {saved[k]!r} -> {getattr(cfg, k)!r}" for k in saved
-                   if k not in NOT_RESUMED and hasattr(cfg, k) and saved[k] != getattr(cfg, k)]
-        say(f"resuming {ckpt_path} at step {step}" + (f"; changed on the command line: {', '.join(changed)}"
-                                                       if changed else ""))
+        say(f"resuming {ckpt_path} at step {step}{changed_settings(ckpt['config'], cfg)}")
         if step >= cfg.max_iters:
             say(f"the run has already made {step} updates, --max_iters={cfg.max_iters}: nothing left to train; "
                 "a larger --max_iters trains on")

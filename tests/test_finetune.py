@@ -141,9 +141,12 @@ def test_ctrl_c_saves_fine_tuning_and_resume_ends_where_the_straight_run_does(pr
     assert signal.getsignal(signal.SIGINT) == before                    # the run's handler is gone
     assert torch.load(out_dir / "state.pt", weights_only=True)["loop"]["step"] == stop
 
-    assert finetune.main([*args, f"--out_dir={out_dir}", "--resume"]) == 0
+    # the same command with --resume, or --out_dir and --resume alone (the other settings: the saved run's)
+    resume = [*args, f"--out_dir={out_dir}"] if where == "mid-epoch" else [f"--out_dir={out_dir}", "--log_interval=7"]
+    assert finetune.main([*resume, "--resume"]) == 0
     resumed_out = capfd.readouterr().out
-    assert f"resuming {out_dir / 'state.pt'} at update {stop}" in resumed_out
+    changed = "" if where == "mid-epoch" else "; changed on the command line: log_interval 50 -> 7"
+    assert f"resuming {out_dir / 'state.pt'} at update {stop}{changed}\n" in resumed_out
     assert torch.equal(logits[-1], straight)
     epoch_lines = lambda out: [line.rsplit(" | ", 1)[0] for line in out.splitlines() if line.startswith("epoch ")]
     assert epoch_lines(resumed_out) == epoch_lines(straight_out)[-len(epoch_lines(resumed_out)):]

@@ -437,8 +437,8 @@ def test_checkpoint_errors_never_overwrite_the_last_good_one(corpus, tmp_path, c
     code, err = run(["--preset=base", "--resume", f"--out_dir={out}"], capsys)        # another preset
     assert code == 1 and f"{out / 'ckpt.pt'} was trained with other settings: preset='small' (now 'base'), " in err
     code, err = run(["--modality=vision", "--resume", f"--out_dir={out}"], capsys)   # another modality
-    assert code == 1 and err == (f"error: {out / 'ckpt.pt'} is a text run: pass --modality=text (and its other "
-                                 "settings) to resume it, or choose another --out_dir\n")
+    assert code == 1 and err == (f"error: {out / 'ckpt.pt'} is a text run: leave --modality out to resume it (the "
+                                 "saved run's settings are used), or choose another --out_dir\n")
     assert (out / "ckpt.pt").read_bytes() == good
 
     (tmp_path / "bad").mkdir()
