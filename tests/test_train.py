@@ -645,6 +645,11 @@ def test_ddp_a_signal_to_one_process_stops_both_at_the_same_update(corpus, tmp_p
     step = int(stopped[0].split("stopped at step ")[1].split("/")[0])
     # step 3 when the signal beats rank 1's check after update 3, which rank 0 has just logged
     assert step >= 3 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == step
+    # every process reads the stopped run's settings from its checkpoint; only --max_iters is new
+    proc = torchrun([f"--out_dir={tmp_path}", "--resume", f"--max_iters={step + 2}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"changed on the command line: max_iters 100000 -> {step + 2}\n" in proc.stdout
+    assert history(tmp_path)["step"][-1] == step + 2
 
 
 def test_bench_times_the_training_step(corpus, capsys):
