@@ -466,7 +466,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")   # torch's own
-def test_a_compiled_run_matches_the_eager_one_and_resumes_without_compile(corpus, tmp_path):
+def test_a_compiled_run_matches_the_eager_one_and_resumes_without_compile(corpus, tmp_path, capsys):
     """--compile trains the same model (no dropout: inductor draws its own random numbers), and its checkpoint holds
     the plain module's keys (no `_orig_mod.` prefix), so an eager run resumes it."""
     args = [*TINY, f"--data={corpus}", "--dropout=0", "--attn_dropout=0", "--act_dropout=0", "--eval_interval=2"]
@@ -477,7 +477,9 @@ def test_a_compiled_run_matches_the_eager_one_and_resumes_without_compile(corpus
     assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-4)
     ckpt = torch.load(tmp_path / "compiled" / "ckpt.pt", weights_only=True)
     assert ckpt["model"].keys() == torch.load(tmp_path / "eager" / "ckpt.pt", weights_only=True)["model"].keys()
-    assert run([*args, "--max_iters=6", "--resume", f"--out_dir={tmp_path / 'compiled'}"])[0] == 0
+    capsys.readouterr()
+    assert run([*args, "--max_iters=6", "--resume", "--compile=false", f"--out_dir={tmp_path / 'compiled'}"])[0] == 0
+    assert "changed on the command line: max_iters 4 -> 6, compile True -> False\n" in capsys.readouterr().out
     assert len(history(tmp_path / "compiled")["loss"]) == 6
 
 
