@@ -52,8 +52,8 @@ from text_data import DataError, encode_texts, prepare_text, read_tsv
 from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, TASKS, Config, CheckpointError,
                    ConfigError, Interrupted, PRESETS, changed_settings, check_compatible, check_numbers, check_read,
                    hold_dir, load_checkpoint, load_state, lr_at, make_dir, out_of_memory, parse_overrides,
-                   resumed_settings, rng_state, save_checkpoint, set_rng_state, setup_system, speech_model,
-                   split_help, stop_requests, text_data_dir, usage)
+                   rng_state, save_checkpoint, set_rng_state, setup_system, speech_model, split_help, stop_requests,
+                   text_data_dir, usage, with_saved_settings)
 from transformer import Transformer
 from vision_data import UNLABELLED
 
@@ -801,11 +801,9 @@ DEFAULTS = {
 
 def parse_config(argv: list[str]) -> FinetuneConfig:
     overrides = parse_overrides(FinetuneConfig, argv)
-    modality = overrides.get("modality", FinetuneConfig.modality)
     if overrides.get("resume"):
-        path = state_dir(FinetuneConfig(**overrides)) / "state.pt"
-        overrides = {**resumed_settings(path, FinetuneConfig, overrides), **overrides}
-        modality = overrides.get("modality", modality)
+        overrides = with_saved_settings(state_dir(FinetuneConfig(**overrides)) / "state.pt", FinetuneConfig, overrides)
+    modality = overrides.get("modality", FinetuneConfig.modality)
     return FinetuneConfig(**{**DEFAULTS.get(modality, {}), **overrides})
 
 

@@ -365,11 +365,9 @@ ONLY = {
 def parse_args(argv: list[str]) -> Config:
     """--key=value overrides on top of the modality's preset. Unknown keys get a suggestion."""
     overrides = parse_overrides(Config, argv)
-    modality = overrides.get("modality", Config.modality)
     if overrides.get("resume"):
-        path = Path(overrides.get("out_dir") or f"out-{modality}") / "ckpt.pt"
-        overrides = {**resumed_settings(path, Config, overrides), **overrides}
-        modality = overrides.get("modality", modality)
+        overrides = with_saved_settings(run_dir(Config(**overrides)) / "ckpt.pt", Config, overrides)
+    modality = overrides.get("modality", Config.modality)
     preset = overrides.get("preset", Config.preset)
     if modality not in PRESETS:
         raise ConfigError(f"unknown modality {modality!r}: choose one of {', '.join(PRESETS)}")
@@ -377,30 +375,34 @@ def parse_args(argv: list[str]) -> Config:
         raise ConfigError(f"unknown preset {preset!r} for {modality}: choose one of {', '.join(PRESETS[modality])}")
     cfg = Config(**{**PRESETS[modality][preset], **overrides})
     check_config(cfg)
-    if not cfg.out_dir:
-        cfg.out_dir = f"out-{cfg.modality}"
+    cfg.out_dir = str(run_dir(cfg))
     return cfg
+
+
+def run_dir(cfg: Config) -> Path:
+    """The run's folder: --out_dir, or out-<modality> when it is left empty."""
+    return Path(cfg.out_dir or f"out-{cfg.modality}")
 
 
 # the run's folder and the request to resume it are the command's own, never the saved run's
 NOT_RESUMED = ("out_dir", "resume")
 
 
-def resumed_settings(path: Path, cls: type, overrides: dict) -> dict:
-    """--resume: the settings the command line leaves out come from the saved run at `path` (train.py's ckpt.pt,
-    finetune.py's state.pt; cls: the script's config dataclass), so `--resume --out_dir=X` continues run X as it was
-    started; a setting given again overrides it. {} when there is no such file, a corrupt one, or when the command
-    names another modality or preset: the run, which reads the file again, then says what is wrong."""
+def with_saved_settings(path: Path, cls: type, overrides: dict) -> dict:
+    """--resume: the command line's overrides, completed by the settings of the saved run at `path` (train.py's
+    ckpt.pt, finetune.py's state.pt; cls: the script's config dataclass), so `--resume --out_dir=X` continues run X as
+    it was started and a setting given again overrides it. Unchanged when there is no such file, a corrupt one, or
+    when the command names another modality or preset: the run, which reads the file again, then says what is wrong."""
     if not path.is_file():
-        return {}
+        return overrides
     try:    # mmap: the config without reading the tensors (every torchrun process parses the command line)
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
     except Exception:
-        return {}
+        return overrides
     if any(k in overrides and overrides[k] != saved.get(k, overrides[k]) for k in ("modality", "preset")):
-        return {}
+        return overrides
     names = {f.name for f in fields(cls)} - set(NOT_RESUMED)
-    return {k: v for k, v in saved.items() if k in names}
+    return {**{k: v for k, v in saved.items() if k in names}, **overrides}
 
 
 def changed_settings(saved: dict, cfg: object) -> str:
