@@ -2,6 +2,8 @@
 
 `prepare_text` turns a corpus into `out_dir/`: the tokenizer file, `train.bin` / `val.bin` (flat token ids, nanoGPT
 style, read back with np.memmap) and `meta.json`, written last so that a crash never leaves a dir that looks ready.
+meta.json records each file's size, and a dir whose files no longer have them (cut short by a full disk or a copy) is
+prepared again.
 The default corpus is the embedded Shakespeare (data/shakespeare.tar.xz: 37 plays, 5 poem collections). Its
 fine-tuning task is the First Folio genre of a 100-word passage (comedy / history / tragedy), split by play into
 `out_dir/genre/{train,test}.tsv`; the test plays are also the pretraining val split, so pretraining never sees them.
@@ -24,7 +26,7 @@ import torch
 from tokenizer import TokenizerUnavailable, get_encoding, load_ranks, make_encoding, n_normal, special_ids
 
 CORPUS = Path(__file__).parent / "data" / "shakespeare.tar.xz"
-FORMAT = 1  # bump when the prepared layout changes: older dirs then re-prepare
+FORMAT = 2  # bump when the prepared layout changes: older dirs then re-prepare
 VAL_FRACTION = 0.05  # user corpora: the last 5 % of the token stream is val
 PASSAGE_WORDS = 100
 
@@ -157,7 +159,39 @@ def load_prepared(out_dir: Path) -> tuple[dict, tiktoken.Encoding]:
         raise DataError(f"{out_dir} is not a prepared text dir (no meta.json): run prepare_text first")
     meta = json.loads((out_dir / "meta.json").read_text())
     tok_file = out_dir / meta["tokenizer_file"]
-    return meta, make_encoding(tok_file.stem, load_ranks(tok_file))
+    try:
+        ranks = load_ranks(tok_file)
+    except ValueError as e:                     # a damaged file of the right size: bad base64 or a missing rank
+        raise DataError(f"{e}: the tokenizer file is damaged; delete {out_dir} and run again to prepare it afresh") \
+            from None
+    return meta, make_encoding(tok_file.stem, ranks)
+
+
+def _read_meta(path: Path) -> dict | None:
+    """The meta.json at `path`, or None where there is none or it is damaged (then said on stderr)."""
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError:                          # not JSON, or not UTF-8
+        meta = None
+    if not isinstance(meta, dict):
+        print(f"warning: {path} is damaged; preparing {path.parent} again", file=sys.stderr)
+        return None
+    return meta
+
+
+def _damage(out_dir: Path, sizes: dict[str, int] | None) -> str | None:
+    """What is wrong with a prepared dir whose files should have these sizes in bytes, or None when they do."""
+    if not isinstance(sizes, dict):
+        return f"{out_dir / 'meta.json'} lists no file sizes"
+    for name, size in sizes.items():
+        path = out_dir / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size:,} bytes, not the {size:,} written"
+    return None
 
 
 def prepare_text(source: Path | None, out_dir: Path, vocab_size: int = 8192, tokenizer: str = "auto") -> dict:
@@ -173,11 +207,12 @@ def prepare_text(source: Path | None, out_dir: Path, vocab_size: int = 8192, tok
     fingerprint = _fingerprint(root, files)
     request = {"format": FORMAT, "fingerprint": fingerprint, "vocab_size": vocab_size, "tokenizer": tokenizer}
     meta_path = out_dir / "meta.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("request") == request and all((out_dir / f).exists() for f in meta["files"]):
+    meta = _read_meta(meta_path)
+    if meta is not None and meta.get("request") == request:
+        if (damage := _damage(out_dir, meta.get("sizes"))) is None:
             print(f"prepare_text: {out_dir} is up to date ({meta['train_tokens']:,} train tokens)")
             return meta
+        print(f"warning: {damage}; preparing {out_dir} again", file=sys.stderr)
 
     docs = _read_docs(source, root, files)
     where = CORPUS if source is None else source
@@ -208,11 +243,12 @@ def prepare_text(source: Path | None, out_dir: Path, vocab_size: int = 8192, tok
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     for split, ids in (("train", train), ("val", val)):
         _write_atomic(out_dir / f"{split}.bin", ids.astype(dtype).tobytes())
+    files = [f"{enc.name}.tiktoken", "train.bin", "val.bin"]
     meta = {
         "request": request, "source": str(where), "tokenizer": "gpt2" if enc.name == "gpt2" else "bpe",
         "tokenizer_file": f"{enc.name}.tiktoken", "vocab_size": enc.n_vocab, "n_normal": n_normal(enc),
         **{f"{k}_id": v for k, v in special_ids(enc).items()}, "dtype": np.dtype(dtype).name,
-        "train_tokens": len(train), "val_tokens": len(val), "files": [f"{enc.name}.tiktoken", "train.bin", "val.bin"],
+        "train_tokens": len(train), "val_tokens": len(val),
         "val_split": "texts " + ", ".join(val_names) if val_names else f"last {VAL_FRACTION:.0%} of the tokens",
         "genre": None,
     }
@@ -222,10 +258,11 @@ def prepare_text(source: Path | None, out_dir: Path, vocab_size: int = 8192, tok
         rows = genre_passages(docs)
         for split, split_rows in rows.items():
             _write_tsv(out_dir / "genre" / f"{split}.tsv", split_rows)
+        files += ["genre/train.tsv", "genre/test.tsv"]
         meta["genre"] = {"labels": sorted(set(GENRE.values())), "test_plays": list(TEST_PLAYS),
                          **{f"{split}_passages": len(r) for split, r in rows.items()}}
-        meta["files"] += ["genre/train.tsv", "genre/test.tsv"]
         print(f"prepare_text: genre task | train {len(rows['train'])} passages | test {len(rows['test'])} passages")
+    meta["sizes"] = {f: (out_dir / f).stat().st_size for f in files}
     _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
     return meta
 

@@ -118,10 +118,13 @@ def load_ranks(path: Path) -> dict[bytes, int]:
     """Read a tiktoken-format file. Not tiktoken.load.load_tiktoken_bpe: that caches local files too, by path
     (sha1 of the path in data-gym-cache), so it would keep returning the old ranks after a file is retrained."""
     ranks = {}
-    for line in Path(path).read_bytes().splitlines():
+    for i, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:                  # binascii.Error is one too
+                raise ValueError(f"{path}:{i} is not a line `<base64 token> <rank>`") from None
     return ranks
 
 

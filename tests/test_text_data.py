@@ -170,6 +170,33 @@ def test_prepare_skips_when_up_to_date_and_redoes_when_changed(tiny_corpus, tmp_
     assert prepare_text(tiny_corpus, out, vocab_size=300, tokenizer="bpe")["train_tokens"] > first["train_tokens"]
 
 
+def test_a_damaged_prepared_dir_is_prepared_again(tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = prepare_text(tiny_corpus, out, vocab_size=300, tokenizer="bpe")
+    written = {f: (out / f).read_bytes() for f in first["sizes"]}
+    assert sorted(written) == ["bpe-300.tiktoken", "train.bin", "val.bin"]
+    n_train = len(written["train.bin"])
+    damages = [
+        (lambda: (out / "train.bin").write_bytes(written["train.bin"][:11]),
+         f"train.bin has 11 bytes, not the {n_train:,} written; preparing {out} again"),
+        (lambda: (out / "val.bin").write_bytes(b""), "val.bin has 0 bytes"),
+        (lambda: (out / "bpe-300.tiktoken").unlink(), "bpe-300.tiktoken is missing"),
+        (lambda: (out / "meta.json").write_text('{"request": '), f"meta.json is damaged; preparing {out} again"),
+        (lambda: (out / "meta.json").write_text("[]"), "meta.json is damaged"),
+    ]
+    for damage, warning in damages:
+        damage()
+        capsys.readouterr()
+        assert prepare_text(tiny_corpus, out, vocab_size=300, tokenizer="bpe") == first
+        assert warning in capsys.readouterr().err
+        assert {f: (out / f).read_bytes() for f in first["sizes"]} == written
+    # the same size, other bytes: only reading the tokenizer finds it
+    (out / "bpe-300.tiktoken").write_bytes(written["bpe-300.tiktoken"].replace(b" ", b"!", 1))
+    prepare_text(tiny_corpus, out, vocab_size=300, tokenizer="bpe")
+    with pytest.raises(DataError, match=r"bpe-300.tiktoken:1 is not a line .*damaged; delete .*out and run again"):
+        TextPretrainData(out, block_size=16)
+
+
 def test_prepare_errors(tmp_path):
     with pytest.raises(DataError, match="nowhere"):
         prepare_text(tmp_path / "nowhere", tmp_path / "out")
