@@ -58,11 +58,18 @@ def _atomic_write(path: Path, write) -> None:
 
 def prepare_digits(out_dir: Path) -> dict:
     """Write out_dir/digits.npz (images (N, 8, 8) uint8 in 0..16, labels, train_idx, test_idx) and meta.json,
-    once; later calls only read meta.json. Returns the meta dict."""
+    once; later calls only read meta.json, and write both again where digits.npz no longer has the size meta.json
+    records (cut short by a full disk or a copy). Returns the meta dict."""
     out_dir = Path(out_dir)
     npz, meta_path = out_dir / "digits.npz", out_dir / "meta.json"
     if npz.exists() and meta_path.exists():
-        return json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:                                                    # not JSON, or not UTF-8
+            meta = None
+        if isinstance(meta, dict) and meta.get("npz_bytes") == npz.stat().st_size:
+            return meta
+        print(f"warning: {out_dir} is not as it was prepared; preparing it again", file=sys.stderr)
     from sklearn.datasets import load_digits  # only needed here, once
 
     digits = load_digits()
@@ -72,7 +79,8 @@ def prepare_digits(out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(npz, lambda f: np.savez(f, images=images, labels=labels, train_idx=train_idx, test_idx=test_idx))
     meta = {"source": "sklearn.datasets.load_digits", "num_images": len(labels), "num_classes": 10,
-            "num_train": len(train_idx), "num_test": len(test_idx), "pixel_max": 16, "split_seed": 0}
+            "num_train": len(train_idx), "num_test": len(test_idx), "pixel_max": 16, "split_seed": 0,
+            "npz_bytes": npz.stat().st_size}
     _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
     return meta
 

@@ -58,6 +58,18 @@ def test_digits_prepare_and_split(digits_dir):
     assert (digits_dir / "digits.npz").stat().st_mtime_ns == mtime
 
 
+def test_damaged_digits_are_prepared_again(tmp_path, capsys):
+    meta = prepare_digits(tmp_path)
+    written = (tmp_path / "digits.npz").read_bytes()
+    for damage in (lambda: (tmp_path / "digits.npz").write_bytes(written[:5000]),
+                   lambda: (tmp_path / "meta.json").write_text('{"num_images": ')):
+        damage()
+        capsys.readouterr()
+        assert prepare_digits(tmp_path) == meta
+        assert capsys.readouterr().err == f"warning: {tmp_path} is not as it was prepared; preparing it again\n"
+        assert (tmp_path / "digits.npz").read_bytes() == written
+
+
 def test_digits_batches(digits_dir):
     data = ImageData.digits(digits_dir, image_size=32)
     assert (data.num_classes, data.in_chans, data.image_size) == (10, 1, 32)
