@@ -48,7 +48,17 @@ DOWNSTREAM: dict[str, list[tuple[str, dict, str, bool]]] = {
 
 
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    """The record at `path`, or None where there is none or it is damaged (said on stderr; its unit then runs again)."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:                                  # not JSON, or not UTF-8
+        record = None
+    if not isinstance(record, dict):
+        print(f"warning: {path} is damaged; ignoring it", file=sys.stderr)
+        return None
+    return record
 
 
 def write_json(path: Path, data: dict) -> None:

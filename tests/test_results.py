@@ -27,7 +27,7 @@ def tiny(monkeypatch):
     return calls
 
 
-def test_results_table_plot_and_resume(tiny, tmp_path):
+def test_results_table_plot_and_resume(tiny, tmp_path, capsys):
     args = ["--modality=vision", "--seeds=2", f"--out_dir={tmp_path}"]
     assert results.main(args) == 0
     assert len(tiny) == 2                                                    # one pretraining per seed
@@ -42,6 +42,14 @@ def test_results_table_plot_and_resume(tiny, tmp_path):
     assert results.main(args) == 0
     assert len(tiny) == 2
     assert (tmp_path / "vision" / "seed1" / "downstream1_random.json").exists()
+
+    # so is a damaged one, with a warning
+    done = tmp_path / "vision" / "seed0" / "downstream0_pretrained.json"
+    done.write_text('{"accuracy": 0.')
+    capsys.readouterr()
+    assert results.main(args) == 0
+    assert f"warning: {done} is damaged; ignoring it\n" in capsys.readouterr().err
+    assert len(tiny) == 2 and 0 <= json.loads(done.read_text())["accuracy"] <= 1
 
 
 def test_unfinished_pretraining_resumes(tiny, tmp_path):
