@@ -410,8 +410,13 @@ def prepare_speech(
 
 def built_corpus(out_dir: Path) -> dict:
     """The statistics of a corpus built before, saying so (as prepare_text does)."""
-    stats = json.loads((out_dir / "stats.json").read_text())
-    print(f"prepare_speech: {out_dir} is up to date ({corpus_summary(stats)})")
+    try:
+        stats = json.loads((out_dir / "stats.json").read_text())
+        summary = corpus_summary(stats)
+    except (ValueError, TypeError, KeyError):           # not JSON, or JSON of another shape
+        raise DataError(f"{out_dir / 'stats.json'} is damaged: delete {out_dir} and run again to synthesise the "
+                        "corpus afresh") from None
+    print(f"prepare_speech: {out_dir} is up to date ({summary})")
     return stats
 
 

@@ -279,6 +279,11 @@ def test_command_line_on_a_built_corpus_says_what_it_holds(tmp_path, capsys):
     assert speech_data.main([str(out)]) == 0
     assert capsys.readouterr().out == (f"prepare_speech: {out} is up to date (train 3 utterances / 3.0 min / 2 "
                                        "voices, test 1 utterances / 0.6 min / 1 voices)\n")
+    for damaged in ('{"train": {"utt', '{"train": 3}'):                       # cut short; another shape
+        (out / "stats.json").write_text(damaged)
+        assert speech_data.main([str(out)]) == 1
+        assert capsys.readouterr().err == (f"error: {out / 'stats.json'} is damaged: delete {out} and run again to "
+                                           "synthesise the corpus afresh\n")
 
 
 def test_command_line_help_and_bad_arguments(tmp_path, monkeypatch, capsys):
