@@ -26,7 +26,6 @@ import tarfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,12 +36,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from ctc import BLANK, LETTER_ID, encode_ltr, normalize_text, text_to_ltr
-from text_data import DataError  # one error class for bad user data: train.py and finetune.py catch it
-
-try:
-    import fcntl                # POSIX: one process at a time builds a corpus
-except ImportError:             # Windows: no such guard
-    fcntl = None
+from text_data import DataError, one_at_a_time  # one error class for bad user data: train.py and finetune.py catch it
 
 SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")                          # what audio_files lists
@@ -418,32 +412,6 @@ def built_corpus(out_dir: Path) -> dict:
                         "corpus afresh") from None
     print(f"prepare_speech: {out_dir} is up to date ({summary})")
     return stats
-
-
-@contextmanager
-def one_at_a_time(lock_file: Path, what: str) -> Iterator[None]:
-    """Hold the OS's lock on `lock_file` (flock; the empty file is created and stays) while inside: a second process
-    that builds the same corpus meanwhile (two runs started at once on a fresh clone) waits for the first and then
-    finds it built, instead of deleting its half-written files. The lock ends with the process however it ends;
-    where the file system has none, there is no guard."""
-    fd = None
-    if fcntl is not None:
-        try:
-            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                print(f"waiting for another process that is {what} ...", flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            if fd is not None:
-                os.close(fd)
-            fd = None
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
 
 
 def _synthesise(out_dir: Path, n_utts: int, n_test: int, n_test_voices: int, corpus: Path, seed: int) -> dict:

@@ -17,6 +17,8 @@ import os
 import re
 import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,11 @@ import tiktoken
 import torch
 
 from tokenizer import TokenizerUnavailable, get_encoding, load_ranks, make_encoding, n_normal, special_ids
+
+try:
+    import fcntl                # POSIX: one process at a time prepares a data folder
+except ImportError:             # Windows: no such guard
+    fcntl = None
 
 CORPUS = Path(__file__).parent / "data" / "shakespeare.tar.xz"
 FORMAT = 2  # bump when the prepared layout changes: older dirs then re-prepare
@@ -53,6 +60,32 @@ TEST_PLAYS = ("midsummer_nights_dream", "twelfth_night", "henry_v", "richard_iii
 
 class DataError(Exception):
     """A problem with the user's data or paths, explained in one line (train.py prints it without a traceback)."""
+
+
+@contextmanager
+def one_at_a_time(lock_file: Path, what: str) -> Iterator[None]:
+    """Hold the OS's lock on `lock_file` (flock; the empty file is created and stays) while inside: a second process
+    that prepares the same data meanwhile (two runs started at once on a fresh clone) waits for the first and then
+    finds them ready, instead of deleting its half-written files. The lock ends with the process however it ends;
+    where the file system has none, there is no guard."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"waiting for another process that is {what} ...", flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _source_files(source: Path | None) -> tuple[Path, list[Path]]:
@@ -200,10 +233,19 @@ def prepare_text(source: Path | None, out_dir: Path, vocab_size: int = 8192, tok
 
     Splits: Shakespeare's val split is the genre task's test plays, train all other texts (poems included); a user
     corpus (files in sorted order) is one token stream, its last VAL_FRACTION is val. The BPE, if trained, sees
-    the train split only for Shakespeare, all the text for a user corpus.
+    the train split only for Shakespeare, all the text for a user corpus. One process at a time prepares a folder
+    (a lock file beside it, `<out_dir>.lock`): a second one started meanwhile waits, then finds it ready.
     """
     out_dir = Path(out_dir)
     root, files = _source_files(source)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with one_at_a_time(out_dir.with_name(out_dir.name + ".lock"), f"preparing {out_dir}"):
+        return _prepare(source, root, files, out_dir, vocab_size, tokenizer)
+
+
+def _prepare(source: Path | None, root: Path, files: list[Path], out_dir: Path, vocab_size: int,
+             tokenizer: str) -> dict:
+    """prepare_text's work, done by one process at a time."""
     fingerprint = _fingerprint(root, files)
     request = {"format": FORMAT, "fingerprint": fingerprint, "vocab_size": vocab_size, "tokenizer": tokenizer}
     meta_path = out_dir / "meta.json"

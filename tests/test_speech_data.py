@@ -15,8 +15,8 @@ import torch
 import speech_data
 from ctc import encode_ltr, normalize_text, text_to_ltr
 from speech_data import (DataError, SpeechData, check_manifest, folder_manifest, librispeech_manifest, load_audio,
-                         normalize_wave, one_at_a_time, prepare_speech, read_manifest, resample, shakespeare_lines,
-                         write_manifest)
+                         normalize_wave, prepare_speech, read_manifest, resample, shakespeare_lines, write_manifest)
+from text_data import one_at_a_time
 
 ROOT = Path(__file__).resolve().parent.parent
 

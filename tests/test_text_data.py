@@ -1,5 +1,7 @@
 """Tests for tokenizer.py and text_data.py. Fast (a few seconds) except the one marked slow (the full corpus)."""
 
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -11,7 +13,7 @@ import tiktoken.load
 import torch
 
 from text_data import (CORPUS, GENRE, TEST_PLAYS, DataError, TextPretrainData, encode_texts, genre_passages,
-                       prepare_text, read_tsv)
+                       one_at_a_time, prepare_text, read_tsv)
 from tokenizer import PAT_STR, get_encoding, load_ranks, make_encoding, n_normal, save_ranks, special_ids, train_bpe
 
 UNICODE = "naïve café — Straße, 東京 🙂!\n\tTabs,   spaces\r\n and <s> <mask> typed by a user.\n\n"
@@ -195,6 +197,27 @@ def test_a_damaged_prepared_dir_is_prepared_again(tiny_corpus, tmp_path, capsys)
     prepare_text(tiny_corpus, out, vocab_size=300, tokenizer="bpe")
     with pytest.raises(DataError, match=r"bpe-300.tiktoken:1 is not a line .*damaged; delete .*out and run again"):
         TextPretrainData(out, block_size=16)
+
+
+def test_a_second_process_waits_for_the_folder_being_prepared_and_uses_it(tiny_corpus, tmp_path):
+    """Two runs started at once on a fresh clone: the second must not delete the first one's tokenizer while the
+    first one tokenizes. The test holds the lock as the first would, prepares elsewhere and moves that in place."""
+    out = tmp_path / "out"
+    code = ("import sys; from pathlib import Path; from text_data import prepare_text; "
+            "prepare_text(Path(sys.argv[1]), Path(sys.argv[2]), vocab_size=300, tokenizer='bpe')")
+    with one_at_a_time(tmp_path / "out.lock", "preparing it"):
+        second = subprocess.Popen([sys.executable, "-c", code, str(tiny_corpus), str(out)],
+                                  cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True)
+        try:
+            assert second.stdout.readline() == f"waiting for another process that is preparing {out} ...\n"
+            meta = prepare_text(tiny_corpus, tmp_path / "elsewhere", vocab_size=300, tokenizer="bpe")
+            (tmp_path / "elsewhere").rename(out)                                 # the first one's work, done
+        except BaseException:
+            second.kill()
+            raise
+    stdout, _ = second.communicate(timeout=120)
+    assert second.returncode == 0
+    assert stdout == f"prepare_text: {out} is up to date ({meta['train_tokens']:,} train tokens)\n"
 
 
 def test_prepare_errors(tmp_path):
