@@ -97,7 +97,7 @@ def _source_files(source: Path | None) -> tuple[Path, list[Path]]:
         raise DataError(f"text source {source} does not exist: pass a .txt file or a folder of .txt files")
     if source.is_file():
         return source.parent, [source]
-    files = sorted(source.rglob("*.txt"))
+    files = sorted(f for f in source.rglob("*.txt") if not f.is_dir())      # rglob looks inside a folder x.txt
     if not files:
         raise DataError(f"no .txt files under {source}: put UTF-8 text files named *.txt there")
     return source, files
@@ -107,8 +107,11 @@ def _fingerprint(root: Path, files: list[Path]) -> str:
     """Hash of the source files' names and bytes."""
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relative_to(root)}\0{f.stat().st_size}\0".encode())
-        h.update(f.read_bytes())
+        try:
+            h.update(f"{f.relative_to(root)}\0{f.stat().st_size}\0".encode())
+            h.update(f.read_bytes())
+        except OSError as e:                    # a link to nothing, no permission
+            raise DataError(f"cannot read {f} ({e.strerror}): fix it or move it out of {root}") from None
     return h.hexdigest()[:16]
 
 

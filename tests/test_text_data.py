@@ -236,6 +236,16 @@ def test_prepare_errors(tmp_path):
         prepare_text(tmp_path / "empty", tmp_path / "out", vocab_size=256, tokenizer="bpe")
     with pytest.raises(DataError, match="unknown tokenizer"):
         prepare_text(tmp_path / "empty", tmp_path / "out", tokenizer="gtp2")
+    (tmp_path / "empty" / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    with pytest.raises(DataError, match=r"cannot read .*gone.txt \(No such file or directory\): fix it or move it out"):
+        prepare_text(tmp_path / "empty", tmp_path / "out")
+
+
+def test_a_folder_named_like_a_text_is_searched_not_read(tiny_corpus, tmp_path):
+    before = prepare_text(tiny_corpus, tmp_path / "before", vocab_size=300, tokenizer="bpe")
+    (tiny_corpus / "sub").rename(tiny_corpus / "sub.txt")
+    meta = prepare_text(tiny_corpus, tmp_path / "out", vocab_size=300, tokenizer="bpe")
+    assert (meta["train_tokens"], meta["val_tokens"]) == (before["train_tokens"], before["val_tokens"])  # b.txt too
 
 
 def test_non_utf8_warns_and_replaces(tmp_path, capsys):
