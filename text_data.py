@@ -11,10 +11,12 @@ fine-tuning task is the First Folio genre of a 100-word passage (comedy / histor
 `TextPretrainData` draws random blocks `<s> ... </s>`; `read_tsv` + `encode_texts` feed any GLUE-style TSV task.
 """
 
+import errno
 import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import tarfile
 from collections.abc import Iterator
@@ -88,6 +90,21 @@ def one_at_a_time(lock_file: Path, what: str) -> Iterator[None]:
             os.close(fd)
 
 
+def write_error(e: OSError, out_dir: Path, source: Path | None = None) -> DataError:
+    """What to tell the user when prepared data cannot be written to out_dir (a full disk, a quota, a read-only
+    folder). source: the user's data they are prepared from, beside it; None: the project's own data/ folder."""
+    reason = e.strerror or str(e)
+    if full := e.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
+        reason += f"; {free / 2 ** 20:,.0f} MiB free there"
+    room = "a disk with room" if full else "a folder you can write to"
+    fix = f"clone the project to {room}" if source is None else \
+        f"copy {source} to {room}: its prepared data are written beside it"
+    if full:
+        fix = f"free some space there, or {fix}"
+    return DataError(f"could not write the prepared data in {out_dir} ({reason}): {fix}")
+
+
 def _source_files(source: Path | None) -> tuple[Path, list[Path]]:
     """(root, files): the folder the names are relative to, and the source files in sorted order."""
     if source is None:
@@ -154,7 +171,11 @@ def genre_passages(docs: dict[str, str], words: int = PASSAGE_WORDS) -> dict[str
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
+    try:
+        tmp.write_bytes(data)
+    except OSError:                             # a full disk: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -241,9 +262,12 @@ def prepare_text(source: Path | None, out_dir: Path, vocab_size: int = 8192, tok
     """
     out_dir = Path(out_dir)
     root, files = _source_files(source)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with one_at_a_time(out_dir.with_name(out_dir.name + ".lock"), f"preparing {out_dir}"):
-        return _prepare(source, root, files, out_dir, vocab_size, tokenizer)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with one_at_a_time(out_dir.with_name(out_dir.name + ".lock"), f"preparing {out_dir}"):
+            return _prepare(source, root, files, out_dir, vocab_size, tokenizer)
+    except OSError as e:                        # writing: a full disk, a quota, a read-only folder
+        raise write_error(e, out_dir, source) from None
 
 
 def _prepare(source: Path | None, root: Path, files: list[Path], out_dir: Path, vocab_size: int,

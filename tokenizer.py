@@ -110,7 +110,11 @@ def save_ranks(ranks: dict[bytes, int], path: Path) -> None:
     """Write tiktoken's file format (base64 token, space, rank; one per line), atomically."""
     lines = b"".join(base64.b64encode(t) + b" %d\n" % r for t, r in sorted(ranks.items(), key=lambda x: x[1]))
     tmp = Path(f"{path}.{os.getpid()}.tmp")
-    tmp.write_bytes(lines)
+    try:
+        tmp.write_bytes(lines)
+    except OSError:                             # a full disk: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

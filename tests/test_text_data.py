@@ -1,5 +1,7 @@
 """Tests for tokenizer.py and text_data.py. Fast (a few seconds) except the one marked slow (the full corpus)."""
 
+import errno
+import os
 import subprocess
 import sys
 import tarfile
@@ -218,6 +220,30 @@ def test_a_second_process_waits_for_the_folder_being_prepared_and_uses_it(tiny_c
     stdout, _ = second.communicate(timeout=120)
     assert second.returncode == 0
     assert stdout == f"prepare_text: {out} is up to date ({meta['train_tokens']:,} train tokens)\n"
+
+
+FULL = r"; [\d,]+ MiB free there\): free some space there, or copy .* to a disk with room: its prepared data are"
+READ_ONLY = r"\): copy .* to a folder you can write to: its prepared data are written beside it"
+
+
+@pytest.mark.parametrize("code, failing, left, fix", [(errno.ENOSPC, "train.bin", ["bpe-300.tiktoken"], FULL),
+                                                       (errno.ENOSPC, "bpe-300.tiktoken", [], FULL),
+                                                       (errno.EROFS, "train.bin", ["bpe-300.tiktoken"], READ_ONLY)])
+def test_a_write_that_fails_leaves_no_partial_file_and_says_what_to_do(tiny_corpus, tmp_path, monkeypatch, code,
+                                                                        failing, left, fix):
+    write_bytes = Path.write_bytes
+
+    def fail(path: Path, data: bytes) -> int:
+        if path.name.startswith(failing):
+            write_bytes(path, data[:10])                                    # the disk fills up part way
+            raise OSError(code, os.strerror(code))
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fail)
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match=f"could not write the prepared data in {out} \\({os.strerror(code)}" + fix):
+        prepare_text(tiny_corpus, out, vocab_size=300, tokenizer="bpe")
+    assert sorted(f.name for f in out.iterdir()) == left                     # no partial file, no meta.json
 
 
 def test_prepare_errors(tmp_path):
