@@ -36,7 +36,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
 from ctc import BLANK, LETTER_ID, encode_ltr, normalize_text, text_to_ltr
-from text_data import DataError, one_at_a_time  # one error class for bad user data: train.py and finetune.py catch it
+# the data helpers every modality shares; DataError: bad user data, which train.py and finetune.py catch
+from text_data import DataError, one_at_a_time, write_error
 
 SAMPLE_RATE = 16000
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")                          # what audio_files lists
@@ -372,7 +373,9 @@ def _speak(job: dict, out_dir: Path) -> float:
     wave = resample(torch.from_numpy(wave), rate, SAMPLE_RATE)
     path = out_dir / job["file"]
     path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(str(path), wave.clamp(-1, 1).numpy(), SAMPLE_RATE, subtype="PCM_16")
+    wav = io.BytesIO()
+    sf.write(wav, wave.clamp(-1, 1).numpy(), SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    path.write_bytes(wav.getvalue())            # a full disk is then an OSError, not libsndfile's "System error."
     return len(wave) / SAMPLE_RATE
 
 
@@ -395,11 +398,18 @@ def prepare_speech(
     out_dir = Path(out_dir)
     if (out_dir / "stats.json").is_file():
         return built_corpus(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with one_at_a_time(out_dir.with_name(out_dir.name + ".lock"), f"synthesising {out_dir}"):
-        if (out_dir / "stats.json").is_file():                              # the other process has just built it
-            return built_corpus(out_dir)
-        return _synthesise(out_dir, n_utts, n_test, n_test_voices, corpus, seed)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with one_at_a_time(out_dir.with_name(out_dir.name + ".lock"), f"synthesising {out_dir}"):
+            if (out_dir / "stats.json").is_file():                          # the other process has just built it
+                return built_corpus(out_dir)
+            try:
+                return _synthesise(out_dir, n_utts, n_test, n_test_voices, corpus, seed)
+            except OSError:                                                 # a full disk: free what the part holds
+                shutil.rmtree(out_dir.with_name(out_dir.name + ".tmp"), ignore_errors=True)
+                raise
+    except OSError as e:                                                    # a full disk, a read-only folder
+        raise write_error(e, out_dir) from None
 
 
 def built_corpus(out_dir: Path) -> dict:

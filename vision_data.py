@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from text_data import DataError  # one error class for bad user data: train.py and finetune.py catch it
+# the data helpers every modality shares; DataError: bad user data, which train.py and finetune.py catch
+from text_data import DataError, write_error
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -51,8 +52,12 @@ def _stratified_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int 
 
 def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")          # its own: two processes may prepare at once
-    with open(tmp, "wb") as f:
-        write(f)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+    except OSError:                                                           # a full disk: no partial file left
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -76,12 +81,15 @@ def prepare_digits(out_dir: Path) -> dict:
     images = digits.images.astype(np.uint8)                                   # (N, 8, 8), values 0..16
     labels = digits.target.astype(np.int64)                                   # (N,)
     train_idx, test_idx = _stratified_split(labels)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(npz, lambda f: np.savez(f, images=images, labels=labels, train_idx=train_idx, test_idx=test_idx))
-    meta = {"source": "sklearn.datasets.load_digits", "num_images": len(labels), "num_classes": 10,
-            "num_train": len(train_idx), "num_test": len(test_idx), "pixel_max": 16, "split_seed": 0,
-            "npz_bytes": npz.stat().st_size}
-    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(npz, lambda f: np.savez(f, images=images, labels=labels, train_idx=train_idx, test_idx=test_idx))
+        meta = {"source": "sklearn.datasets.load_digits", "num_images": len(labels), "num_classes": 10,
+                "num_train": len(train_idx), "num_test": len(test_idx), "pixel_max": 16, "split_seed": 0,
+                "npz_bytes": npz.stat().st_size}
+        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+    except OSError as e:                                                      # a full disk, a read-only folder
+        raise write_error(e, out_dir) from None
     return meta
 
 

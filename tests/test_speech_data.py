@@ -1,7 +1,9 @@
 """Speech data: audio checks, manifests, batching, resampling and the espeak-ng corpus."""
 
+import errno
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -231,6 +233,20 @@ def test_missing_espeak_says_how_to_install(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(DataError, match="apt-get install -y espeak-ng"):
         prepare_speech(tmp_path / "speech")
+
+
+def test_a_full_disk_leaves_no_partial_corpus_and_says_what_to_do(tmp_path: Path, monkeypatch):
+    def speak(job: dict, out_dir: Path) -> float:
+        (out_dir / job["file"]).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / job["file"]).write_bytes(b"RIFF")                            # part of a file, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(speech_data, "_speak", speak)
+    with pytest.raises(DataError, match=r"could not write the prepared data in .*speech \(No space left on device; "
+                                        r"[\d,]+ MiB free there\): free some space there, or clone the project"):
+        prepare_speech(tmp_path / "speech", n_utts=4, n_test=1, n_test_voices=1)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["speech.lock"]      # no speech.tmp with the part
 
 
 def test_a_second_process_waits_for_the_corpus_being_built_and_uses_it(tmp_path: Path):

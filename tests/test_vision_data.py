@@ -1,5 +1,8 @@
 """Vision data: augmentations keep shape and range, the digits split, image folders (modes, corrupt files, errors)."""
 
+import errno
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -56,6 +59,18 @@ def test_digits_prepare_and_split(digits_dir):
     mtime = (digits_dir / "digits.npz").stat().st_mtime_ns
     assert prepare_digits(digits_dir)["num_test"] == len(test)                # second call reads, never rewrites
     assert (digits_dir / "digits.npz").stat().st_mtime_ns == mtime
+
+
+def test_a_full_disk_leaves_no_partial_digits_and_says_what_to_do(tmp_path, monkeypatch):
+    def savez(f, **arrays):
+        f.write(b"PK\x03\x04")                                                # part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez", savez)
+    with pytest.raises(DataError, match=r"could not write the prepared data in .*digits \(No space left on device; "
+                                        r"[\d,]+ MiB free there\): free some space there, or clone the project"):
+        prepare_digits(tmp_path / "digits")
+    assert list((tmp_path / "digits").iterdir()) == []
 
 
 def test_damaged_digits_are_prepared_again(tmp_path, capsys):
