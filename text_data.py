@@ -94,7 +94,7 @@ def write_error(e: OSError, out_dir: Path, source: Path | None = None) -> DataEr
     """What to tell the user when prepared data cannot be written to out_dir (a full disk, a quota, a read-only
     folder). source: the user's data they are prepared from, beside it; None: the project's own data/ folder."""
     reason = e.strerror or str(e)
-    if full := e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if full := e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):   # no quotas on Windows
         free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
         reason += f"; {free / 2 ** 20:,.0f} MiB free there"
     room = "a disk with room" if full else "a folder you can write to"
