@@ -173,7 +173,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)
-    except OSError:                             # a full disk: no partial file left behind
+    except BaseException:                       # a full disk, Ctrl-C: no partial file left behind
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)

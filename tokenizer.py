@@ -112,7 +112,7 @@ def save_ranks(ranks: dict[bytes, int], path: Path) -> None:
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(lines)
-    except OSError:                             # a full disk: no partial file left behind
+    except BaseException:                       # a full disk, Ctrl-C: no partial file left behind
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)

@@ -55,7 +55,7 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with open(tmp, "wb") as f:
             write(f)
-    except OSError:                                                           # a full disk: no partial file left
+    except BaseException:                                                     # a full disk, Ctrl-C: no partial file
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)

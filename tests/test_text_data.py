@@ -231,19 +231,31 @@ READ_ONLY = r"\): copy .* to a folder you can write to: its prepared data are wr
                                                        (errno.EROFS, "train.bin", ["bpe-300.tiktoken"], READ_ONLY)])
 def test_a_write_that_fails_leaves_no_partial_file_and_says_what_to_do(tiny_corpus, tmp_path, monkeypatch, code,
                                                                         failing, left, fix):
-    write_bytes = Path.write_bytes
-
-    def fail(path: Path, data: bytes) -> int:
-        if path.name.startswith(failing):
-            write_bytes(path, data[:10])                                    # the disk fills up part way
-            raise OSError(code, os.strerror(code))
-        return write_bytes(path, data)
-
-    monkeypatch.setattr(Path, "write_bytes", fail)
+    fail_writing(monkeypatch, failing, OSError(code, os.strerror(code)))
     out = tmp_path / "out"
     with pytest.raises(DataError, match=f"could not write the prepared data in {out} \\({os.strerror(code)}" + fix):
         prepare_text(tiny_corpus, out, vocab_size=300, tokenizer="bpe")
     assert sorted(f.name for f in out.iterdir()) == left                     # no partial file, no meta.json
+
+
+def test_ctrl_c_while_writing_leaves_no_partial_file(tiny_corpus, tmp_path, monkeypatch):
+    fail_writing(monkeypatch, "val.bin", KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        prepare_text(tiny_corpus, tmp_path / "out", vocab_size=300, tokenizer="bpe")
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["bpe-300.tiktoken", "train.bin"]
+
+
+def fail_writing(monkeypatch: pytest.MonkeyPatch, name: str, error: BaseException) -> None:
+    """Path.write_bytes writes 10 bytes of a file whose name starts with `name`, then raises `error`."""
+    write_bytes = Path.write_bytes
+
+    def fail(path: Path, data: bytes) -> int:
+        if path.name.startswith(name):
+            write_bytes(path, data[:10])
+            raise error
+        return write_bytes(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", fail)
 
 
 def test_prepare_errors(tmp_path):
