@@ -22,7 +22,7 @@ import torch
 
 import finetune
 from finetune import FinetuneConfig
-from text_data import DataError
+from text_data import DataError, read_json, write_atomic
 from train import (PRESETS, CheckpointError, Config, ConfigError, load_checkpoint, parse_overrides, split_help, train,
                    usage)
 
@@ -47,31 +47,15 @@ DOWNSTREAM: dict[str, list[tuple[str, dict, str, bool]]] = {
 }
 
 
-def read_json(path: Path) -> dict | None:
-    """The record at `path`, or None where there is none or it is damaged (said on stderr; its unit then runs again)."""
-    if not path.exists():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except ValueError:                                  # not JSON, or not UTF-8
-        record = None
-    if not isinstance(record, dict):
-        print(f"warning: {path} is damaged; ignoring it", file=sys.stderr)
-        return None
-    return record
-
-
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=1).encode())
 
 
 def pretrain(modality: str, seed: int, out: Path, device: str) -> dict:
     """The default preset with this seed; resumes an unfinished run. -> {ckpt, seconds, final eval loss, min target_var}"""
     done = out / "pretrain.json"
-    if (result := read_json(done)) is not None:
+    if (result := read_json(done, "running it again")) is not None:
         return result
     cfg = Config(**{**PRESETS[modality]["small"], "modality": modality, "seed": seed, "device": device,
                     "out_dir": str(out / "pretrain")})
@@ -93,7 +77,7 @@ def downstream(modality: str, seed: int, out: Path, init_from: str, device: str)
     tag = "random" if init_from == "random" else "pretrained"
     for i, (name, overrides, _, _) in enumerate(DOWNSTREAM[modality]):
         done = out / f"downstream{i}_{tag}.json"
-        if (result := read_json(done)) is None:
+        if (result := read_json(done, "running it again")) is None:
             state = out / f"downstream{i}_{tag}"                # a fine-tuning run's state while it runs
             fc = FinetuneConfig(**{**finetune.DEFAULTS.get(modality, {}), **overrides, "modality": modality,
                                    "init_from": init_from, "seed": seed, "device": device, "out_dir": str(state),
@@ -211,7 +195,8 @@ def main(argv: list[str]) -> int:
         print("interrupted: the same command continues where this one stopped", file=sys.stderr)
         return 130
     # the table and plot cover every modality finished so far, also from earlier invocations
-    summaries = {m: s for m in DOWNSTREAM if (s := read_json(Path(rc.out_dir) / m / "summary.json")) is not None}
+    summaries = {m: s for m in DOWNSTREAM
+                 if (s := read_json(Path(rc.out_dir) / m / "summary.json", "leaving it out of the table")) is not None}
     out = Path(rc.out_dir)
     # the machines the pretraining runs had (threads included), not the one writing the table
     machines = sorted({p.get("hardware", "not recorded") for s in summaries.values() for p in s["pretrain"]})

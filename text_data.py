@@ -9,6 +9,9 @@ fine-tuning task is the First Folio genre of a 100-word passage (comedy / histor
 `out_dir/genre/{train,test}.tsv`; the test plays are also the pretraining val split, so pretraining never sees them.
 
 `TextPretrainData` draws random blocks `<s> ... </s>`; `read_tsv` + `encode_texts` feed any GLUE-style TSV task.
+
+The data helpers every modality shares live here too: DataError, the lock `one_at_a_time`, `write_atomic`,
+`prepared_meta` / `write_meta` (a prepared folder's meta.json with its files' sizes) and `write_error`.
 """
 
 import errno
@@ -169,7 +172,9 @@ def genre_passages(docs: dict[str, str], words: int = PASSAGE_WORDS) -> dict[str
     return rows
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it: a crash, a full disk or Ctrl-C never leaves a
+    partial `path`, and only a hard kill leaves the temporary file."""
     tmp = Path(f"{path}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(data)
@@ -180,7 +185,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 def _write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
-    _write_atomic(path, "".join(f"{s}\t{label}\n" for s, label in [("sentence", "label"), *rows]).encode("utf-8"))
+    write_atomic(path, "".join(f"{s}\t{label}\n" for s, label in [("sentence", "label"), *rows]).encode("utf-8"))
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[str]]:
@@ -224,18 +229,39 @@ def load_prepared(out_dir: Path) -> tuple[dict, tiktoken.Encoding]:
     return meta, make_encoding(tok_file.stem, ranks)
 
 
-def _read_meta(path: Path) -> dict | None:
-    """The meta.json at `path`, or None where there is none or it is damaged (then said on stderr)."""
+def read_json(path: Path, if_damaged: str) -> dict | None:
+    """The JSON object in `path`; None where there is none, or where the file is damaged (not JSON, or not an
+    object), which then says `warning: <path> is damaged; <if_damaged>` on stderr: what the caller does instead."""
     if not path.exists():
         return None
     try:
-        meta = json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except ValueError:                          # not JSON, or not UTF-8
-        meta = None
-    if not isinstance(meta, dict):
-        print(f"warning: {path} is damaged; preparing {path.parent} again", file=sys.stderr)
+        record = None
+    if not isinstance(record, dict):
+        print(f"warning: {path} is damaged; {if_damaged}", file=sys.stderr)
+        return None
+    return record
+
+
+def prepared_meta(out_dir: Path, request: dict | None = None) -> dict | None:
+    """The meta.json of a folder that write_meta finished for `request`, if every file it lists still has the size
+    it was written with; else None, and the caller prepares the folder (again). A damaged folder (a file cut short by
+    a full disk or a copy, or missing; a damaged meta.json) says so on stderr; one made for another request does not."""
+    meta = read_json(out_dir / "meta.json", f"preparing {out_dir} again")
+    if meta is None or meta.get("request") != request:
+        return None
+    if (damage := _damage(out_dir, meta.get("sizes"))) is not None:
+        print(f"warning: {damage}; preparing {out_dir} again", file=sys.stderr)
         return None
     return meta
+
+
+def write_meta(out_dir: Path, meta: dict, files: list[str]) -> None:
+    """Write out_dir/meta.json, the last file of a prepared folder, with the size of each of `files` (relative to
+    out_dir) for prepared_meta to check."""
+    meta["sizes"] = {f: (out_dir / f).stat().st_size for f in files}
+    write_atomic(out_dir / "meta.json", json.dumps(meta, indent=1).encode())
 
 
 def _damage(out_dir: Path, sizes: dict[str, int] | None) -> str | None:
@@ -275,19 +301,15 @@ def _prepare(source: Path | None, root: Path, files: list[Path], out_dir: Path, 
     """prepare_text's work, done by one process at a time."""
     fingerprint = _fingerprint(root, files)
     request = {"format": FORMAT, "fingerprint": fingerprint, "vocab_size": vocab_size, "tokenizer": tokenizer}
-    meta_path = out_dir / "meta.json"
-    meta = _read_meta(meta_path)
-    if meta is not None and meta.get("request") == request:
-        if (damage := _damage(out_dir, meta.get("sizes"))) is None:
-            print(f"prepare_text: {out_dir} is up to date ({meta['train_tokens']:,} train tokens)")
-            return meta
-        print(f"warning: {damage}; preparing {out_dir} again", file=sys.stderr)
+    if (meta := prepared_meta(out_dir, request)) is not None:
+        print(f"prepare_text: {out_dir} is up to date ({meta['train_tokens']:,} train tokens)")
+        return meta
 
     docs = _read_docs(source, root, files)
     where = CORPUS if source is None else source
     print(f"prepare_text: read {len(docs)} texts ({sum(map(len, docs.values())) / 1e6:.1f}M characters) from {where}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # from here on the dir is not ready until the new meta.json lands
+    (out_dir / "meta.json").unlink(missing_ok=True)  # from here on the dir is not ready until the new meta.json lands
     for old in out_dir.glob("*.tiktoken"):
         old.unlink()  # a tokenizer trained on the old source
     val_names = [n for n in docs if n in TEST_PLAYS] if source is None else []
@@ -311,7 +333,7 @@ def _prepare(source: Path | None, root: Path, files: list[Path], out_dir: Path, 
         raise DataError(f"{where} has only {len(train) + len(val)} tokens: too few for a train and a val split")
     dtype = np.uint16 if enc.n_vocab <= 2**16 else np.uint32
     for split, ids in (("train", train), ("val", val)):
-        _write_atomic(out_dir / f"{split}.bin", ids.astype(dtype).tobytes())
+        write_atomic(out_dir / f"{split}.bin", ids.astype(dtype).tobytes())
     files = [f"{enc.name}.tiktoken", "train.bin", "val.bin"]
     meta = {
         "request": request, "source": str(where), "tokenizer": "gpt2" if enc.name == "gpt2" else "bpe",
@@ -331,8 +353,7 @@ def _prepare(source: Path | None, root: Path, files: list[Path], out_dir: Path, 
         meta["genre"] = {"labels": sorted(set(GENRE.values())), "test_plays": list(TEST_PLAYS),
                          **{f"{split}_passages": len(r) for split, r in rows.items()}}
         print(f"prepare_text: genre task | train {len(rows['train'])} passages | test {len(rows['test'])} passages")
-    meta["sizes"] = {f: (out_dir / f).stat().st_size for f in files}
-    _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+    write_meta(out_dir, meta, files)
     return meta
 
 

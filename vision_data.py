@@ -14,8 +14,7 @@ random resized crop), written as batched torch ops that draw every random number
 a pure function of (generator state, data): resuming at step N reproduces the uninterrupted run's batches.
 """
 
-import json
-import os
+import io
 import sys
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from PIL import Image
 from torch import Tensor
 
 # the data helpers every modality shares; DataError: bad user data, which train.py and finetune.py catch
-from text_data import DataError, write_error
+from text_data import DataError, prepared_meta, write_atomic, write_error, write_meta
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,44 +49,27 @@ def _stratified_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int 
     return train_idx, test_idx
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")          # its own: two processes may prepare at once
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-    except BaseException:                                                     # a full disk, Ctrl-C: no partial file
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-
-
 def prepare_digits(out_dir: Path) -> dict:
     """Write out_dir/digits.npz (images (N, 8, 8) uint8 in 0..16, labels, train_idx, test_idx) and meta.json,
     once; later calls only read meta.json, and write both again where digits.npz no longer has the size meta.json
     records (cut short by a full disk or a copy). Returns the meta dict."""
     out_dir = Path(out_dir)
-    npz, meta_path = out_dir / "digits.npz", out_dir / "meta.json"
-    if npz.exists() and meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError:                                                    # not JSON, or not UTF-8
-            meta = None
-        if isinstance(meta, dict) and meta.get("npz_bytes") == npz.stat().st_size:
-            return meta
-        print(f"warning: {out_dir} is not as it was prepared; preparing it again", file=sys.stderr)
+    if (meta := prepared_meta(out_dir)) is not None:
+        return meta
     from sklearn.datasets import load_digits  # only needed here, once
 
     digits = load_digits()
     images = digits.images.astype(np.uint8)                                   # (N, 8, 8), values 0..16
     labels = digits.target.astype(np.int64)                                   # (N,)
     train_idx, test_idx = _stratified_split(labels)
+    npz = io.BytesIO()
+    np.savez(npz, images=images, labels=labels, train_idx=train_idx, test_idx=test_idx)
+    meta = {"source": "sklearn.datasets.load_digits", "num_images": len(labels), "num_classes": 10,
+            "num_train": len(train_idx), "num_test": len(test_idx), "pixel_max": 16, "split_seed": 0}
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(npz, lambda f: np.savez(f, images=images, labels=labels, train_idx=train_idx, test_idx=test_idx))
-        meta = {"source": "sklearn.datasets.load_digits", "num_images": len(labels), "num_classes": 10,
-                "num_train": len(train_idx), "num_test": len(test_idx), "pixel_max": 16, "split_seed": 0,
-                "npz_bytes": npz.stat().st_size}
-        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        write_atomic(out_dir / "digits.npz", npz.getvalue())
+        write_meta(out_dir, meta, ["digits.npz"])
     except OSError as e:                                                      # a full disk, a read-only folder
         raise write_error(e, out_dir) from None
     return meta

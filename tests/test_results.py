@@ -48,7 +48,7 @@ def test_results_table_plot_and_resume(tiny, tmp_path, capsys):
     done.write_text('{"accuracy": 0.')
     capsys.readouterr()
     assert results.main(args) == 0
-    assert f"warning: {done} is damaged; ignoring it\n" in capsys.readouterr().err
+    assert f"warning: {done} is damaged; running it again\n" in capsys.readouterr().err
     assert len(tiny) == 2 and 0 <= json.loads(done.read_text())["accuracy"] <= 1
 
 

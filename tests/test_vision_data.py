@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tests.test_text_data import fail_writing
 from vision_data import (
     DataError,
     ImageData,
@@ -62,11 +63,7 @@ def test_digits_prepare_and_split(digits_dir):
 
 
 def test_a_full_disk_leaves_no_partial_digits_and_says_what_to_do(tmp_path, monkeypatch):
-    def savez(f, **arrays):
-        f.write(b"PK\x03\x04")                                                # part of the file, then the disk is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(np, "savez", savez)
+    fail_writing(monkeypatch, "digits.npz", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(DataError, match=r"could not write the prepared data in .*digits \(No space left on device; "
                                         r"[\d,]+ MiB free there\): free some space there, or clone the project"):
         prepare_digits(tmp_path / "digits")
@@ -76,12 +73,14 @@ def test_a_full_disk_leaves_no_partial_digits_and_says_what_to_do(tmp_path, monk
 def test_damaged_digits_are_prepared_again(tmp_path, capsys):
     meta = prepare_digits(tmp_path)
     written = (tmp_path / "digits.npz").read_bytes()
-    for damage in (lambda: (tmp_path / "digits.npz").write_bytes(written[:5000]),
-                   lambda: (tmp_path / "meta.json").write_text('{"num_images": ')):
+    damages = [(lambda: (tmp_path / "digits.npz").write_bytes(written[:5000]),
+                f"{tmp_path / 'digits.npz'} has 5,000 bytes, not the {len(written):,} written"),
+               (lambda: (tmp_path / "meta.json").write_text('{"num_images": '), f"{tmp_path / 'meta.json'} is damaged")]
+    for damage, what in damages:
         damage()
         capsys.readouterr()
         assert prepare_digits(tmp_path) == meta
-        assert capsys.readouterr().err == f"warning: {tmp_path} is not as it was prepared; preparing it again\n"
+        assert capsys.readouterr().err == f"warning: {what}; preparing {tmp_path} again\n"
         assert (tmp_path / "digits.npz").read_bytes() == written
 
 
