@@ -314,7 +314,6 @@ class RunFile:
     def save(self, model: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
              generator: torch.Generator, **loop: object) -> None:
         """loop: what the training loop needs to go on from here (its step first)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.path, dict(model=model.state_dict(), optimizer=opt.state_dict(),
                                         schedule=sched.state_dict(), rng=rng_state(), generator=generator.get_state(),
                                         loop=loop, config=asdict(self.fc)))

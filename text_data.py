@@ -93,13 +93,17 @@ def one_at_a_time(lock_file: Path, what: str) -> Iterator[None]:
             os.close(fd)
 
 
+def free_mib(path: Path) -> float:
+    """MiB free on the disk that holds path, or would hold it: the nearest folder of it that exists."""
+    return shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free / 2 ** 20
+
+
 def write_error(e: OSError, out_dir: Path, source: Path | None = None) -> DataError:
     """What to tell the user when prepared data cannot be written to out_dir (a full disk, a quota, a read-only
     folder). source: the user's data they are prepared from, beside it; None: the project's own data/ folder."""
     reason = e.strerror or str(e)
     if full := e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):   # no quotas on Windows
-        free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
-        reason += f"; {free / 2 ** 20:,.0f} MiB free there"
+        reason += f"; {free_mib(out_dir):,.0f} MiB free there"
     room = "a disk with room" if full else "a folder you can write to"
     fix = f"clone the project to {room}" if source is None else \
         f"copy {source} to {room}: its prepared data are written beside it"

@@ -18,7 +18,6 @@ import inspect
 import math
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -39,7 +38,7 @@ from encoders import ConvFeatureExtractor, PatchEncoder, SpeechEncoder, TextEnco
 from masking import bert_mask, block_mask, span_mask
 from mlm import MaskedLM
 from speech_data import CORPUS_DIR, MIN_SAMPLES, SpeechData, prepare_speech
-from text_data import DataError, TextPretrainData, prepare_text
+from text_data import DataError, TextPretrainData, free_mib, prepare_text
 from transformer import TransformerConfig
 from vision_data import ImageData
 
@@ -810,13 +809,16 @@ def save_checkpoint(path: Path, state: dict) -> None:
     leaves no partial file and is a CheckpointError naming the file and the space left there."""
     tmp = path.with_suffix(".tmp")
     try:
+        if not path.parent.is_dir():             # removed while the run was going: keep the run's work all the same
+            print(f"warning: {path.parent} was removed while the run was going; making it again for {path.name}",
+                  file=sys.stderr)
+            path.parent.mkdir(parents=True)
         torch.save(state, tmp)
     except (OSError, RuntimeError) as e:         # a full disk: torch's "unexpected pos ..." or OSError ENOSPC
         tmp.unlink(missing_ok=True)
         reason = (str(e).splitlines() or [type(e).__name__])[0]
-        free = shutil.disk_usage(path.parent).free
-        raise CheckpointError(f"could not write {path} ({reason}; {free / 2 ** 20:,.0f} MiB free there): free some "
-                              "space, or choose another folder; the last good checkpoint, if any, is kept") from None
+        raise CheckpointError(f"could not write {path} ({reason}; {free_mib(path.parent):,.0f} MiB free there): free "
+                              "some space, or choose another folder; the last good checkpoint, if any, is kept") from None
     os.replace(tmp, path)
 
 

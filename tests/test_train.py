@@ -4,6 +4,7 @@ import inspect
 import io
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -536,6 +537,25 @@ def test_a_full_disk_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tm
     assert code == 1 and err.startswith(f"error: could not write {out / 'ckpt.pt'} (") and err.endswith(
         " MiB free there): free some space, or choose another folder; the last good checkpoint, if any, is kept\n")
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2 and not (out / "ckpt.tmp").exists()
+
+
+def test_a_run_whose_folder_is_removed_makes_it_again_and_keeps_its_work(corpus, tmp_path, monkeypatch, capsys):
+    """rm -rf of --out_dir while the run is going (after its first save): the next save says so and writes the
+    checkpoint into the folder made again, instead of a traceback that loses the run."""
+    out = tmp_path / "run"
+    save, calls = train.save_checkpoint, [0]
+
+    def then_removed(path, state):
+        save(path, state)
+        calls[0] += 1
+        if calls[0] == 1:
+            shutil.rmtree(out)
+
+    monkeypatch.setattr(train, "save_checkpoint", then_removed)
+    code, err = run([*TINY, f"--data={corpus}", "--max_iters=4", "--ckpt_interval=2", "--eval_interval=100",
+                     f"--out_dir={out}"], capsys)
+    assert code == 0 and err == f"warning: {out} was removed while the run was going; making it again for ckpt.pt\n"
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 4 and (out / "loss.png").is_file()
 
 
 def test_out_of_memory_tells_allocation_failures_from_other_errors():
