@@ -48,7 +48,7 @@ from ctc import BLANK, VOCAB, cer, greedy_decode, ids_to_text, wer
 from data2vec import Data2Vec
 from masking import span_mask
 from speech_data import CORPUS_DIR, Batch, SpeechData, prepare_speech
-from text_data import DataError, encode_texts, prepare_text, read_tsv
+from text_data import MIN_LEN, DataError, encode_texts, prepare_text, read_tsv
 from train import (ABOVE_0, ABOVE_0_TO_1, AT_LEAST_0, BELOW_1, IN_0_1, TASKS, Config, CheckpointError,
                    ConfigError, Interrupted, PRESETS, changed_settings, check_compatible, check_numbers, check_read,
                    hold_dir, load_checkpoint, load_state, lr_at, make_dir, out_of_memory, parse_overrides,
@@ -413,6 +413,8 @@ def run(fc: FinetuneConfig) -> dict:
         raise ConfigError("--resume continues a stopped fine-tuning run; the probe keeps no state: run it again "
                           "without --resume")
     check_numbers(fc, COUNTS, LIMITS)
+    if fc.max_len < MIN_LEN:
+        raise ConfigError(f"--max_len={fc.max_len}: a passage holds <s>, its tokens and </s>: use at least {MIN_LEN}")
     if fc.save:
         # checked now, not when the run has ended
         if Path(fc.save).is_dir():

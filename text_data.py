@@ -41,6 +41,7 @@ CORPUS = Path(__file__).parent / "data" / "shakespeare.tar.xz"
 FORMAT = 2  # bump when the prepared layout changes: older dirs then re-prepare
 VAL_FRACTION = 0.05  # user corpora: the last 5 % of the token stream is val
 PASSAGE_WORDS = 100
+MIN_LEN = 3  # the shortest sequence: <s>, one token, </s>
 
 # Genre of each play as the First Folio (1623) groups them. Troilus and Cressida, printed between the histories
 # and the tragedies, counts as a tragedy (its Folio title is "The Tragedie of Troylus and Cressida"); so does
@@ -397,7 +398,7 @@ class TextPretrainData:
 def encode_texts(enc: tiktoken.Encoding, texts: list[str], max_len: int, meta: dict) -> torch.Tensor:
     """(N, max_len) long: `<s>` + the text's tokens, cut to fit, + `</s>`, right-padded with <pad>.
     `meta`: anything with bos_id / eos_id / pad_id keys, e.g. the dict prepare_text returns."""
-    if max_len < 3:
+    if max_len < MIN_LEN:
         raise ValueError(f"max_len must leave room for <s>, a token and </s>, got {max_len}")
     out = torch.full((len(texts), max_len), meta["pad_id"], dtype=torch.long)                 # (N, max_len)
     for i, ids in enumerate(enc.encode_ordinary_batch(texts)):

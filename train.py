@@ -38,7 +38,7 @@ from encoders import ConvFeatureExtractor, PatchEncoder, SpeechEncoder, TextEnco
 from masking import bert_mask, block_mask, span_mask
 from mlm import MaskedLM
 from speech_data import CORPUS_DIR, MIN_SAMPLES, SpeechData, prepare_speech
-from text_data import DataError, TextPretrainData, free_mib, prepare_text
+from text_data import MIN_LEN, DataError, TextPretrainData, free_mib, prepare_text
 from transformer import TransformerConfig
 from vision_data import ImageData
 
@@ -434,6 +434,9 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"unknown --positions={cfg.positions}: use absolute or relative")
     if cfg.tokenizer not in tokenizer.KINDS:
         raise ConfigError(f"unknown --tokenizer={cfg.tokenizer}: use {', '.join(tokenizer.KINDS)}")
+    if cfg.modality == "text" and cfg.block_size < MIN_LEN:
+        raise ConfigError(f"--block_size={cfg.block_size}: a sequence holds <s>, its tokens and </s>: use at least "
+                          f"{MIN_LEN}")
     if cfg.tokenizer != "gpt2" and cfg.vocab_size < tokenizer.N_BYTES:
         raise ConfigError(f"--vocab_size={cfg.vocab_size}: a byte-level BPE needs at least {tokenizer.N_BYTES} types, "
                           "one per byte")

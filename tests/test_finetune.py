@@ -273,6 +273,7 @@ def test_bad_input(pretrained, tmp_path, capsys):
     assert "pass --mode=probe" in capsys.readouterr().err
     for setting, message in (("--label_fraction=0", "--label_fraction=0.0: needs a value in (0, 1]"),
                              ("--epochs=0", "--epochs=0: needs at least 1"),
+                             ("--max_len=2", "--max_len=2: a passage holds <s>, its tokens and </s>: use at least 3"),
                              ("--lr=-1", "--lr=-1.0: needs a value above 0"),
                              ("--dropout=1", "--dropout=1.0: needs a value in [0, 1)")):
         assert finetune.main(["--init_from=random", setting]) == 1

@@ -111,6 +111,7 @@ def test_preset_then_overrides():
     (["--modality=vision", "--objective=mlm"], "use it with --modality=text"),
     (["--mask_replace=0.95"], "together <= 1"),
     (["--token_span=0"], "--token_span=0: needs at least 1"),
+    (["--block_size=2"], "--block_size=2: a sequence holds <s>, its tokens and </s>: use at least 3"),
     (["--modality=speech", "--mask_prob=0"], "--mask_prob=0.0: needs a value in (0, 1]"),
     (["--mask_random=-0.1"], "--mask_random=-0.1: needs a value in [0, 1]"),
     (["--positions=rotary"], "use absolute or relative"),
