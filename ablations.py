@@ -332,6 +332,8 @@ def main(argv: list[str]) -> int:
         unknown = [n for n in names if n not in SETTINGS]
         if unknown:
             raise ConfigError(f"unknown setting {unknown[0]!r}: choose from {', '.join(SETTINGS)}")
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ConfigError(f"--settings names {twice[0]!r} more than once: name each setting once")
         if ac.task not in RECIPES:
             raise ConfigError(f"unknown task {ac.task!r}: choose from {', '.join(RECIPES)}")
         if ac.iters < 0 or ac.seeds < 1 or ac.jobs < 0:

@@ -88,6 +88,8 @@ def test_contextualised_targets_beat_a_local_teacher():
 def test_bad_settings_are_clear_errors(capsys):
     assert ablations.main(["--settings=recipe,nope"]) == 1
     assert "unknown setting 'nope'" in capsys.readouterr().err
+    assert ablations.main(["--settings=recipe,k1,recipe"]) == 1      # two runs of it would share one folder
+    assert capsys.readouterr().err == "error: --settings names 'recipe' more than once: name each setting once\n"
     assert ablations.main(["--iters=-1"]) == 1
     assert "positive" in capsys.readouterr().err
     assert ablations.main(["--task=speech"]) == 1
