@@ -16,7 +16,8 @@ import torch
 
 from text_data import (CORPUS, GENRE, TEST_PLAYS, DataError, TextPretrainData, encode_texts, genre_passages,
                        one_at_a_time, prepare_text, read_tsv)
-from tokenizer import PAT_STR, get_encoding, load_ranks, make_encoding, n_normal, save_ranks, special_ids, train_bpe
+from tokenizer import (MAX_PIECE, PAT_STR, get_encoding, load_ranks, make_encoding, n_normal, save_ranks, special_ids,
+                       train_bpe)
 
 UNICODE = "naïve café — Straße, 東京 🙂!\n\tTabs,   spaces\r\n and <s> <mask> typed by a user.\n\n"
 
@@ -76,6 +77,16 @@ def test_bpe_matches_a_full_recount_trainer(plays):
                     w[i:i + 2] = [ranks[merged]]
                 i += 1
     assert train_bpe(text, 500) == ranks
+
+
+def test_a_long_pre_token_is_counted_as_pieces():
+    """A text with no spaces is one pre-token; training counts it as MAX_PIECE-byte pieces, as if a newline (a
+    pre-token of one byte, so no pair) stood between them, and learns no longer token."""
+    whole = "ab" * 1000                                                     # 2,000 bytes
+    pieces = [whole[i:i + MAX_PIECE] for i in range(0, len(whole), MAX_PIECE)]
+    ranks = train_bpe(whole + " cd", 300)
+    assert ranks == train_bpe("\n".join(pieces) + " cd", 300)
+    assert max(len(t) for t in ranks) == MAX_PIECE
 
 
 def test_pat_str_is_gpt2s():
