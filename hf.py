@@ -259,14 +259,20 @@ def hf_model(source: str | Path | nn.Module) -> nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(str(source))
     except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read a Hugging Face config from {source!r} ({e}); pass a folder written by "
-                              f"save_pretrained, or a hub name such as facebook/data2vec-audio-base with the machine "
-                              f"online") from None
+        raise ConversionError(f"cannot read a Hugging Face config from {str(source)!r} ({e}); pass a folder written "
+                              "by save_pretrained, or a hub name such as facebook/data2vec-audio-base with the "
+                              "machine online") from None
     _require(config.model_type in BASE_CLASS, f"model_type {config.model_type!r}")
     saved_arch = (config.architectures or [BASE_CLASS[config.model_type]])[0]
     # another task's model (Data2VecTextForMaskedLM, ...): its encoder converts, its head has no counterpart here
     arch = saved_arch if saved_arch in SUPPORTED else BASE_CLASS[config.model_type]
-    model, info = getattr(transformers, arch).from_pretrained(str(source), output_loading_info=True)
+    try:
+        model, info = getattr(transformers, arch).from_pretrained(str(source), output_loading_info=True)
+    except Exception as e:                      # no weights file (OSError), a damaged one (safetensors', pickle's)
+        reason = (str(e).splitlines() or [""])[0]
+        raise ConversionError(f"cannot read the weights of {str(source)!r} ({type(e).__name__}: {reason}); save the "
+                              "model again with save_pretrained (model.safetensors or pytorch_model.bin beside "
+                              "config.json)") from None
     missing = [k for k in info["missing_keys"] if not k.startswith("pooler.")]   # unused here (UNUSED)
     unexpected = info["unexpected_keys"] if arch == saved_arch else []
     if arch != saved_arch:

@@ -233,6 +233,22 @@ def test_folder_whose_weights_do_not_fit_its_config_is_an_error(tmp_path):
 
 
 @needs_transformers
+def test_folder_with_missing_or_damaged_weights_is_one_error(tmp_path):
+    """config.json without its weights, then with them cut short (a download that stopped): Hugging Face raises its
+    own OSError / SafetensorError from deep inside; here each is a ConversionError naming the folder and the fix."""
+    random_hf("Data2VecTextModel", **TEXT[0]).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    fix = "save the model again with save_pretrained"
+    with pytest.raises(hf.ConversionError, match=rf"cannot read the weights of '{tmp_path}' \(OSError: .*{fix}"):
+        hf.from_pretrained(tmp_path)
+    weights.write_bytes(data[:1000])
+    with pytest.raises(hf.ConversionError, match=rf"the weights of '{tmp_path}' \(SafetensorError: .*{fix}"):
+        hf.from_pretrained(tmp_path)
+
+
+@needs_transformers
 def test_another_tasks_checkpoint_converts_its_encoder_and_names_the_head_left_out(tmp_path, capsys):
     theirs = random_hf("Data2VecTextForMaskedLM", **TEXT[0])
     theirs.save_pretrained(tmp_path)
