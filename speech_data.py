@@ -74,8 +74,11 @@ def audio_samples(path: Path, min_samples: int = MIN_SAMPLES) -> int:
 def load_audio(path: Path, min_samples: int = MIN_SAMPLES) -> Tensor:
     """The checked waveform of a 16 kHz mono file, (S,) float32 in [-1, 1], not normalised."""
     audio_samples(path, min_samples)
-    wave, _ = sf.read(str(path), dtype="float32")
-    return torch.from_numpy(wave)
+    wave = torch.from_numpy(sf.read(str(path), dtype="float32")[0])                         # (S,)
+    if bad := int((~wave.isfinite()).sum()):    # a float wav can hold them; the model would output NaN, silently
+        raise DataError(f"{path}: {bad:,} samples are not numbers (NaN or infinite): the file is damaged; export it "
+                        "again")
+    return wave
 
 
 def normalize_wave(wave: Tensor) -> Tensor:

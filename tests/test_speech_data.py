@@ -67,6 +67,7 @@ def test_absolute_root_outside_the_manifest_folder(tmp_path: Path):
     ("short", "fewer than min_samples=400"),
     ("empty", "0 samples"),
     ("garbage", "not readable audio"),
+    ("nan", "1,000 samples are not numbers"),
 ])
 def test_bad_audio_raises_data_error_naming_the_file(tmp_path: Path, problem: str, needle: str):
     path = tmp_path / "bad.wav"
@@ -78,6 +79,8 @@ def test_bad_audio_raises_data_error_naming_the_file(tmp_path: Path, problem: st
         write(path, 399 if problem == "short" else 0)
     elif problem == "garbage":
         path.write_text("not a wav file")
+    elif problem == "nan":                                  # a float wav, damaged
+        sf.write(str(path), np.full(1000, np.nan, dtype=np.float32), 16000, subtype="FLOAT")
     with pytest.raises(DataError, match=needle) as error:
         load_audio(path)
     assert str(path) in str(error.value)
