@@ -399,8 +399,9 @@ def test_speech_crops_shorter_than_one_frame_are_refused_before_the_data_are_rea
 
 
 def test_a_batch_without_masked_steps_is_named(corpus, tmp_path, capsys):
-    """<s> and </s> are never masked, so 2-token sequences have nothing to predict: say so, not "the loss is nan"."""
-    code, err = run([*TINY, f"--data={corpus}", "--block_size=2", f"--out_dir={tmp_path}"], capsys)
+    """<s> and </s> are never masked, so 3-token sequences hold one token that may be: with a tiny --mask_prob none
+    is, and there is nothing to predict: say so, not "the loss is nan"."""
+    code, err = run([*TINY, f"--data={corpus}", "--block_size=3", "--mask_prob=0.001", f"--out_dir={tmp_path}"], capsys)
     assert code == 1 and "no held-out step was masked" in err and "--mask_prob" in err
 
 
