@@ -16,13 +16,14 @@ The data helpers every modality shares live here too: DataError, the lock `one_a
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import re
 import shutil
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -324,13 +325,9 @@ def _prepare(source: Path | None, root: Path, files: list[Path], out_dir: Path, 
     except (TokenizerUnavailable, ValueError) as e:  # no GPT-2 files, or a bad kind / vocab_size
         raise DataError(str(e)) from None
 
-    def encode(names: list[str]) -> np.ndarray:
-        ids = enc.encode_ordinary_batch([docs[n] for n in names])
-        return np.concatenate([np.array(i, dtype=np.int64) for i in ids])          # (n_tokens,)
-
-    train = encode(train_names)
+    train = encode_stream(enc, (docs[n] for n in train_names))
     if source is None:
-        val = encode(val_names)
+        val = encode_stream(enc, (docs[n] for n in val_names))
     else:
         cut = int(len(train) * (1 - VAL_FRACTION))
         train, val = train[:cut], train[cut:]
@@ -393,6 +390,32 @@ class TextPretrainData:
         bos = torch.full((batch_size, 1), self.bos_id)                                           # (B, 1)
         eos = torch.full((batch_size, 1), self.eos_id)                                           # (B, 1)
         return torch.cat([bos, body, eos], 1)                                                    # (B, block_size)
+
+
+# a newline between two non-space characters: GPT-2's pre-tokeniser makes it a pre-token of its own, at the end of a
+# text as well, so a text cut after it encodes to the same ids as the whole
+CUT = re.compile(r"(?<=\S)\n(?=\S)")
+CHUNK_CHARS = 1 << 22   # encode_stream's pieces: about 4M characters, so a corpus of gigabytes needs no more memory
+
+
+def _pieces(text: str, size: int) -> Iterator[str]:
+    """text in pieces of about `size` characters, each cut at a CUT newline (a text with none stays whole)."""
+    start = 0
+    while len(text) - start > size and (m := CUT.search(text, start + size)):
+        yield text[start:m.end()]
+        start = m.end()
+    yield text[start:]
+
+
+def encode_stream(enc: tiktoken.Encoding, texts: Iterable[str], size: int = CHUNK_CHARS) -> np.ndarray:
+    """(n_tokens,) uint32: the ids of the texts one after another, as `encode_ordinary` gives them for each text.
+    Encoded `size` characters at a time, a batch of pieces at once (tiktoken's threads), so memory holds the ids as
+    4-byte numbers plus a batch of Python lists, not a list for the whole corpus."""
+    pieces = (piece for text in texts for piece in _pieces(text, size))
+    out = [np.zeros(0, np.uint32)]
+    while batch := list(itertools.islice(pieces, 8)):
+        out += [np.array(ids, dtype=np.uint32) for ids in enc.encode_ordinary_batch(batch)]
+    return np.concatenate(out)
 
 
 def encode_texts(enc: tiktoken.Encoding, texts: list[str], max_len: int, meta: dict) -> torch.Tensor:

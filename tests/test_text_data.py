@@ -14,8 +14,8 @@ import regex
 import tiktoken.load
 import torch
 
-from text_data import (CORPUS, GENRE, TEST_PLAYS, DataError, TextPretrainData, encode_texts, genre_passages,
-                       one_at_a_time, prepare_text, read_tsv)
+from text_data import (CORPUS, GENRE, TEST_PLAYS, DataError, TextPretrainData, _pieces, encode_stream, encode_texts,
+                       genre_passages, one_at_a_time, prepare_text, read_tsv)
 from tokenizer import (MAX_PIECE, PAT_STR, get_encoding, load_ranks, make_encoding, n_normal, save_ranks, special_ids,
                        train_bpe)
 
@@ -118,6 +118,19 @@ def test_tiktoken_matches_naive_reference(sonnet_ranks, plays):
     enc = make_encoding("t", sonnet_ranks)
     for text in (UNICODE, plays["hamlet"][5000:8000], "aaaaaaa bbbbbb thee thee'll 12345"):
         assert enc.encode_ordinary(text) == naive_encode(sonnet_ranks, text)
+
+
+def test_encoding_in_pieces_gives_the_ids_of_the_whole(plays):
+    """encode_stream cuts long texts at newlines between two words; with pieces of ~40 characters every such newline
+    of a play is a cut, and trailing spaces, blank lines, CRLF, tabs and unicode sit right beside them."""
+    lines = plays["tempest"][:6000].splitlines(keepends=True)
+    ends = ("  \n", "\r\n", "  \n\n", "\n\t", "\n")
+    text = "".join(line.rstrip("\n") + ends[i % 5] for i, line in enumerate(lines))
+    enc = make_encoding("t", train_bpe(text, 600))        # merges across "  \n" too, learned from "  \n\n"
+    texts = [text + UNICODE * 3, "x" * 500, "", UNICODE]                   # "x" * 500: no cut, one piece
+    ids = encode_stream(enc, texts, size=40)
+    assert ids.dtype == np.uint32 and ids.tolist() == [i for t in texts for i in enc.encode_ordinary(t)]
+    assert sum(1 for _ in _pieces(text, 40)) > 20
 
 
 def test_special_ids_are_the_last_four(sonnet_ranks):
