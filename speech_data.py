@@ -222,7 +222,8 @@ class Batch(NamedTuple):
 
 
 class SpeechData:
-    """A manifest's utterances, normalised and held in memory (float32: 230 MB per hour of audio).
+    """A manifest's utterances, read from disk and normalised when a batch takes them: memory holds a batch, not the
+    corpus (float32 would be 230 MB per hour of audio, in every process of a DDP run).
 
     targets=False (pre-training): an utterance longer than max_samples is randomly cropped to it in `batch`.
     targets=True (CTC fine-tuning): the `.ltr` transcripts come with every batch; as a crop would cut the transcript,
@@ -248,14 +249,18 @@ class SpeechData:
                 if word is not None:
                     raise DataError(f"{Path(manifest).with_suffix('.ltr')}:{i + 1}: {word!r} is not a letter symbol; "
                                     "lines look like 'H E L L O | W O R L D |' (ctc.text_to_ltr writes them)")
-        self.max_samples = max_samples
-        self.waves = [normalize_wave(load_audio(root / entries[i][0], min_samples)) for i in keep]
-        self.lengths = torch.tensor([len(w) for w in self.waves])            # (N,)
+        self.max_samples, self.min_samples = max_samples, min_samples
+        self.paths = [root / entries[i][0] for i in keep]
+        self.lengths = torch.tensor([entries[i][1] for i in keep])           # (N,) samples, as checked
         self.targets = [torch.tensor(encode_ltr(ltr[i])) for i in keep] if targets else None
         self.by_length = self.lengths.argsort()                              # (N,) utterance ids, shortest first
 
     def __len__(self) -> int:
-        return len(self.waves)
+        return len(self.paths)
+
+    def wave(self, i: int) -> Tensor:
+        """Utterance i, normalised (fairseq's `normalize: true`), (S,)."""
+        return normalize_wave(load_audio(self.paths[i], self.min_samples))
 
     @property
     def minutes(self) -> float:
@@ -269,7 +274,7 @@ class SpeechData:
         total = self.lengths[order].cumsum(0)                                 # (N,) samples so far
         ids = order[: max(1, int((total <= minutes * 60 * SAMPLE_RATE).sum()))].tolist()
         part = copy.copy(self)
-        part.waves = [self.waves[i] for i in ids]
+        part.paths = [self.paths[i] for i in ids]
         part.lengths = self.lengths[ids]
         part.targets = [self.targets[i] for i in ids] if self.targets is not None else None
         part.by_length = part.lengths.argsort()
@@ -300,7 +305,7 @@ class SpeechData:
             yield self._collate(ids, [0] * len(ids))
 
     def _collate(self, ids: list[int], starts: list[int]) -> Batch:
-        crops = [self.waves[i][s : s + self.max_samples] for i, s in zip(ids, starts)]
+        crops = [self.wave(i)[s : s + self.max_samples] for i, s in zip(ids, starts)]
         waves = pad_sequence(crops, batch_first=True)                        # (B, S)
         lengths = torch.tensor([len(c) for c in crops])                       # (B,)
         if self.targets is None:
