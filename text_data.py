@@ -395,7 +395,7 @@ class TextPretrainData:
 # a newline between two non-space characters: GPT-2's pre-tokeniser makes it a pre-token of its own, at the end of a
 # text as well, so a text cut after it encodes to the same ids as the whole
 CUT = re.compile(r"(?<=\S)\n(?=\S)")
-CHUNK_CHARS = 1 << 22   # encode_stream's pieces: about 4M characters, so a corpus of gigabytes needs no more memory
+CHUNK_CHARS = 1 << 22   # encode_stream's pieces: about 4M characters
 
 
 def _pieces(text: str, size: int) -> Iterator[str]:

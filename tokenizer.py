@@ -66,7 +66,7 @@ def train_bpe(text: str, vocab_size: int) -> dict[bytes, int]:
     if vocab_size < N_BYTES:
         raise ValueError(f"vocab_size must be at least {N_BYTES} (the byte tokens), got {vocab_size}")
     pieces: Counter[bytes] = Counter()
-    pre_tokens = Counter(m.group() for m in regex.finditer(PAT_STR, text))    # not findall: one string per word
+    pre_tokens = Counter(m.group() for m in regex.finditer(PAT_STR, text))    # no list of every word of the text
     for w, count in pre_tokens.items():
         b = w.encode("utf-8")
         for i in range(0, len(b), MAX_PIECE):
