@@ -15,7 +15,10 @@ a pure function of (generator state, data): resuming at step N reproduces the un
 """
 
 import io
+import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UNLABELLED = "(unlabelled)"   # the one class of a folder of images without class subfolders
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+PROGRESS_EVERY = 1000        # load_image_folder prints a progress line after each this many images
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,7 +94,8 @@ def _read_image(path: Path, size: int) -> Tensor:
 def load_image_folder(
     root: Path, image_size: int, class_names: list[str] | None = None
 ) -> tuple[Tensor, Tensor, list[str]]:
-    """Read `root/<class>/<image>` into memory. Unreadable images are skipped with a warning naming each file.
+    """Read `root/<class>/<image>` into memory, on a thread per core. Unreadable images are skipped with a warning
+    naming each file.
     Images straight in root, without subfolders, are one class, UNLABELLED: enough to pretrain, which reads no labels.
 
     class_names: the label order to use (a validation folder reuses the training folder's); default: the sorted
@@ -110,18 +115,26 @@ def load_image_folder(
     unknown = sorted(set(folders) - set(class_names))
     if unknown:
         raise DataError(f"{root} has classes {unknown} that the training folder lacks; make the class folders match")
-    images, labels, skipped = [], [], 0
-    for label, name in enumerate(class_names):
-        files = sorted(folders[name].iterdir()) if name in folders else []
-        for path in files:
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            try:
-                images.append(_read_image(path, image_size))
-                labels.append(label)
-            except (OSError, ValueError) as e:
-                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+    jobs = [(path, label) for label, name in enumerate(class_names) if name in folders
+            for path in sorted(folders[name].iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS]
+
+    def read(job: tuple[Path, int]) -> Tensor | Exception:
+        try:
+            return _read_image(job[0], image_size)
+        except (OSError, ValueError) as e:
+            return e
+
+    images, labels, skipped, t0 = [], [], 0, time.time()
+    with ThreadPoolExecutor(os.cpu_count()) as pool:                         # Pillow decodes without the GIL
+        for done, ((path, label), image) in enumerate(zip(jobs, pool.map(read, jobs)), 1):
+            if isinstance(image, Exception):
+                print(f"warning: skipping unreadable image {path}: {image}", file=sys.stderr)
                 skipped += 1
+            else:
+                images.append(image)
+                labels.append(label)
+            if done % PROGRESS_EVERY == 0 and done < len(jobs):
+                print(f"  {done:,}/{len(jobs):,} images read | {time.time() - t0:.0f}s")
     if not images:
         raise DataError(f"no readable images under {root}; supported extensions: {sorted(IMAGE_EXTENSIONS)}")
     print(f"{root}: {len(images)} images in {len(class_names)} classes, {skipped} unreadable skipped")

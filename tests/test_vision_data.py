@@ -2,6 +2,7 @@
 
 import errno
 import os
+import re
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import vision_data
 from tests.test_text_data import fail_writing
 from vision_data import (
     DataError,
@@ -116,6 +118,25 @@ def test_image_folder_converts_modes_and_skips_corrupt(tmp_path, capsys):
     gray, rgba = images[0], images[1]
     assert (gray == 128).all()                                                # grey -> equal R, G, B
     assert rgba[0].eq(255).all() and rgba[1:].eq(0).all()                     # alpha dropped, colour kept
+
+
+def test_a_large_image_folder_says_how_far_it_has_read(tmp_path, capsys, monkeypatch):
+    """Read on threads, in order: the images, labels and warnings of a sequential read, and a progress line after
+    every PROGRESS_EVERY images (none after the last: the summary line follows)."""
+    write_image_folder(tmp_path)
+    (tmp_path / "cat" / "broken.png").write_bytes(b"not a png")
+    monkeypatch.setattr(vision_data, "PROGRESS_EVERY", 2)
+    images, labels, _ = load_image_folder(tmp_path, 16)
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"  2/5 images read \| \d+s\n  4/5 images read \| \d+s\n.*: 4 images in 2 classes, 1 "
+                        r"unreadable skipped\n", out)
+    assert err.startswith(f"warning: skipping unreadable image {tmp_path / 'cat' / 'broken.png'}: ")
+    expected = [vision_data._read_image(tmp_path / c / f, 16) for c, f in
+                (("cat", "gray.png"), ("cat", "rgba.png"), ("dog", "palette.png"), ("dog", "rgb.jpg"))]
+    assert torch.equal(images, torch.stack(expected)) and labels.tolist() == [0, 0, 1, 1]
+    monkeypatch.setattr(vision_data, "PROGRESS_EVERY", 5)                  # 5 of 5: the summary line alone
+    load_image_folder(tmp_path, 16)
+    assert "images read" not in capsys.readouterr().out
 
 
 def test_image_folder_errors(tmp_path, capsys):
