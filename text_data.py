@@ -16,7 +16,6 @@ The data helpers every modality shares live here too: DataError, the lock `one_a
 
 import errno
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -409,12 +408,17 @@ def _pieces(text: str, size: int) -> Iterator[str]:
 
 def encode_stream(enc: tiktoken.Encoding, texts: Iterable[str], size: int = CHUNK_CHARS) -> np.ndarray:
     """(n_tokens,) uint32: the ids of the texts one after another, as `encode_ordinary` gives them for each text.
-    Encoded `size` characters at a time, a batch of pieces at once (tiktoken's threads), so memory holds the ids as
-    4-byte numbers plus a batch of Python lists, not a list for the whole corpus."""
-    pieces = (piece for text in texts for piece in _pieces(text, size))
-    out = [np.zeros(0, np.uint32)]
-    while batch := list(itertools.islice(pieces, 8)):
-        out += [np.array(ids, dtype=np.uint32) for ids in enc.encode_ordinary_batch(batch)]
+    Long texts are cut into pieces of about `size` characters, and the pieces go to tiktoken's threads in batches of
+    about 8 x size characters, so memory holds the ids as 4-byte numbers plus one batch of Python lists, not a list
+    for the whole corpus (and many small files still make few batches)."""
+    out, batch, chars = [np.zeros(0, np.uint32)], [], 0
+    for piece in (piece for text in texts for piece in _pieces(text, size)):
+        batch.append(piece)
+        chars += len(piece)
+        if chars >= 8 * size:
+            out += [np.array(ids, dtype=np.uint32) for ids in enc.encode_ordinary_batch(batch)]
+            batch, chars = [], 0
+    out += [np.array(ids, dtype=np.uint32) for ids in enc.encode_ordinary_batch(batch)]
     return np.concatenate(out)
 
 
