@@ -821,7 +821,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
         tmp.unlink(missing_ok=True)
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"could not write {path} ({reason}; {free_mib(path.parent):,.0f} MiB free there): free "
-                              "some space, or choose another folder; the last good checkpoint, if any, is kept") from None
+                              "some space, or choose another folder; the last good checkpoint, if any, is kept"
+                              ) from None
     os.replace(tmp, path)
 
 

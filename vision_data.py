@@ -118,15 +118,15 @@ def load_image_folder(
     jobs = [(path, label) for label, name in enumerate(class_names) if name in folders
             for path in sorted(folders[name].iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS]
 
-    def read(job: tuple[Path, int]) -> Tensor | Exception:
+    def read(path: Path) -> Tensor | Exception:
         try:
-            return _read_image(job[0], image_size)
+            return _read_image(path, image_size)
         except (OSError, ValueError) as e:
             return e
 
     images, labels, skipped, t0 = [], [], 0, time.time()
     with ThreadPoolExecutor(os.cpu_count()) as pool:                         # Pillow decodes without the GIL
-        for done, ((path, label), image) in enumerate(zip(jobs, pool.map(read, jobs)), 1):
+        for done, ((path, label), image) in enumerate(zip(jobs, pool.map(read, [p for p, _ in jobs])), 1):
             if isinstance(image, Exception):
                 print(f"warning: skipping unreadable image {path}: {image}", file=sys.stderr)
                 skipped += 1
