@@ -134,8 +134,17 @@ def normalize(y: Tensor, kind: str, padding_mask: Tensor | None = None, eps: flo
     raise ValueError(f"unknown norm {kind!r}: use one of {', '.join(NORMS)}")
 
 
-def build_targets(layers: list[Tensor], cfg: TargetConfig, padding_mask: Tensor | None = None) -> Tensor:
-    """Average of the top K teacher layers, each normalised in fp32, then the optional final norm. -> (B, T, C)"""
+def build_targets(layers: list[Tensor], cfg: TargetConfig, padding_mask: Tensor | None = None,
+                  prefix: int = 0) -> Tensor:
+    """Average of the top K teacher layers, each normalised in fp32, then the optional final norm. -> (B, T, C)
+
+    Instance norm's statistics leave out padded steps and the first `prefix` steps (the encoder's CLS), which are
+    never targets."""
+    if prefix:
+        B, T = layers[0].shape[:2]
+        skip = torch.zeros(B, T, dtype=torch.bool, device=layers[0].device) if padding_mask is None else padding_mask.clone()
+        skip[:, :prefix] = True                                                 # (B, T)
+        padding_mask = skip
     top = layers[-cfg.top_k:]
     y = sum(normalize(t.float(), cfg.target_norm, padding_mask) for t in top) / len(top)
     return normalize(y, cfg.final_norm, padding_mask)
@@ -195,7 +204,7 @@ class Data2Vec(nn.Module):
             allowed = local_window(h.shape[1] - prefix, self.targets.teacher_context // 2, teacher.model.cfg.rel_pos_grid,
                                    prefix, h.device)                            # (T', T')
         _, layers = teacher.model(h, padding_mask, self.targets.target_layer, allowed)
-        return build_targets(layers, self.targets, padding_mask)
+        return build_targets(layers, self.targets, padding_mask, self.encoder.n_prefix)
 
     def forward(
         self,

@@ -220,6 +220,7 @@ class CheckpointError(Exception):
     pass
 
 
+MIN_LOSS_SCALE = 1e-4      # float16: a run whose gradients overflow even below this loss scale stops (fairseq's floor)
 NO_MASK_FIX = "raise --mask_prob (vision: --mask_ratio) or use longer inputs (text: --block_size)"
 
 
@@ -1019,6 +1020,9 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
         say(f"step {step}: held-out loss {ev:.4f}")
         return time.time() - t0
 
+    def kept() -> str:
+        return f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else "no checkpoint was written"
+
     def state() -> dict:
         return dict(model=raw_model.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                     scaler=scaler.state_dict(), step=step, config=asdict(cfg), history=history,
@@ -1033,11 +1037,12 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
     t_start, t_last, last_step = time.time(), time.time(), step
     seconds_before = ckpt.get("seconds", 0.0) if ckpt is not None else 0.0     # the run's time before this resume
     batches = draw(step)
-    stop = False
+    stop, evaluated_at = False, None
     with stop_requests(announce=master) as stop_requested:
         while step < cfg.max_iters:
-            if step % cfg.eval_interval == 0:
+            if step % cfg.eval_interval == 0 and step != evaluated_at:
                 t_last += held_out()
+                evaluated_at = step
 
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -1046,9 +1051,18 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip)
+            scale = scaler.get_scale()
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            if scaler.get_scale() < scale and math.isfinite((loss_sum / n_masked).item()):
+                # fp16 only: inf or NaN gradients of a finite loss, so GradScaler skipped the update and halved its
+                # scale. Like fairseq, the update does not count: the same batches go again at the lower scale.
+                if scaler.get_scale() < MIN_LOSS_SCALE:
+                    raise FloatingPointError(f"the float16 gradients overflow even at loss scale {scale:g} (update "
+                                             f"{step + 1}): stopping; {kept()}. Lower --lr (now {cfg.lr:g}), or use "
+                                             "--dtype=bfloat16 where the GPU has it")
+                continue
             step += 1
             teacher.update(raw_model.student, step)
             if step < cfg.max_iters:
@@ -1056,11 +1070,9 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
 
             loss_value = (loss_sum / n_masked).item()
             if not math.isfinite(loss_value):
-                kept = (f"the last good checkpoint {ckpt_path} is kept" if ckpt_path.exists() else
-                        "no checkpoint was written")
                 if n_masked.item() == 0:
-                    raise ConfigError(f"update {step} masked no step: stopping; {kept}. To mask some: {NO_MASK_FIX}")
-                raise FloatingPointError(f"the loss is {loss_value} at step {step}: stopping; {kept}. "
+                    raise ConfigError(f"update {step} masked no step: stopping; {kept()}. To mask some: {NO_MASK_FIX}")
+                raise FloatingPointError(f"the loss is {loss_value} at step {step}: stopping; {kept()}. "
                                          f"Lower --lr (now {cfg.lr:g}) or check the data")
             if step % cfg.log_interval == 0 or step == cfg.max_iters:
                 target_var = collapse_stat(torch.cat(targets))

@@ -467,6 +467,49 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 6
 
 
+def overflow_first(n: int, monkeypatch) -> None:
+    """The first n optimizer steps of the next run get an infinite gradient, as float16 overflow gives them."""
+    forward_backward = train.forward_backward
+    calls = {"n": 0}
+
+    def overflowing(model, *a, **k):
+        out = forward_backward(model, *a, **k)
+        calls["n"] += 1
+        if calls["n"] <= n:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(train, "forward_backward", overflowing)
+
+
+def test_a_float16_update_whose_gradients_overflow_does_not_count(corpus, tmp_path, monkeypatch, capsys):
+    """GradScaler skips an update with inf gradients: the step counter, lr, tau and the teacher must not move on, and
+    the same batches go again at the halved scale (fairseq's rule), so the run equals one without the overflows."""
+    args = [*TINY, f"--data={corpus}", "--dtype=float16", "--device=cpu", "--max_iters=4", "--eval_interval=100",
+            "--dropout=0", "--attn_dropout=0", "--act_dropout=0"]
+    assert run([*args, f"--out_dir={tmp_path / 'plain'}"], capsys)[0] == 0
+    overflow_first(3, monkeypatch)
+    assert run([*args, f"--out_dir={tmp_path / 'overflow'}"], capsys)[0] == 0
+    plain, overflow = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ("plain", "overflow"))
+    assert overflow["step"] == 4 and overflow["history"]["step"] == [1, 2, 3, 4]
+    assert overflow["history"]["eval_step"] == [0, 4]                   # the held-out loss once at step 0, not again
+    assert overflow["scaler"]["scale"] == plain["scaler"]["scale"] / 8
+    assert overflow["history"]["loss"] == pytest.approx(plain["history"]["loss"], rel=1e-4)
+    for part in ("model", "teacher"):
+        for name, want in plain[part].items():
+            assert torch.allclose(overflow[part][name], want, rtol=1e-3, atol=1e-5), (part, name)
+
+
+def test_gradients_that_overflow_at_every_loss_scale_stop_the_run(corpus, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    overflow_first(10**6, monkeypatch)
+    code, err = run([*TINY, f"--data={corpus}", "--dtype=float16", "--device=cpu", "--max_iters=4",
+                     "--eval_interval=100", f"--out_dir={out}"], capsys)
+    assert code == 1 and "the float16 gradients overflow even at loss scale 0.0001" in err
+    assert "no checkpoint was written" in err and "Traceback" not in err
+    assert not (out / "ckpt.pt").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")   # torch's own
 def test_a_compiled_run_matches_the_eager_one_and_resumes_without_compile(corpus, tmp_path, capsys):

@@ -68,6 +68,28 @@ def test_targets_are_the_masked_patches_and_never_cls():
     assert torch.allclose(y, expected, atol=1e-6)
 
 
+def test_instance_norm_targets_take_their_statistics_over_the_patches_alone():
+    """--target_norm=instance / --final_norm=instance on vision: CLS is never a target, so its teacher output must
+    not shift the mean and variance the patches' targets are normalised with."""
+    torch.manual_seed(0)
+    model = tiny_vision_model().eval()
+    model.targets = TargetConfig(top_k=2, target_layer="block", target_norm="instance", final_norm="instance")
+    teacher = EMATeacher(model.student, 0.99, 0.99, 1)
+    x, _ = model.encoder.embed(torch.randn(2, 1, 16, 16))                     # (2, 16, 16)
+    got = model.teacher_targets(teacher, x, None)[:, 1:]                      # (2, 16, 16) patch steps
+
+    def inorm(t):                                                             # over time, per image and channel
+        return (t - t.mean(1, keepdim=True)) / torch.sqrt(t.var(1, unbiased=False, keepdim=True) + 1e-5)
+
+    _, layers = teacher.model(model.encoder(x), target_layer="block")
+    want = inorm(sum(inorm(t[:, 1:]) for t in layers) / 2)
+    assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad():
+        model.encoder.cls_token.mul_(10)                                      # another CLS, the same patches
+    moved = (model.teacher_targets(teacher, x, None)[:, 1:] - got).abs().max()
+    assert moved < 1e-4                                   # 2e-7; 0.098 with CLS in the statistics
+
+
 def test_block_mask_index_is_the_patch_position():
     """Changing the pixels of patch (i, j) changes exactly embedding step i * w + j, the step block_mask names."""
     enc = PatchEncoder(in_chans=1, dim=8, patch_size=4)
