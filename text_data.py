@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,7 +196,9 @@ def _write_tsv(path: Path, rows: list[tuple[str, str]]) -> None:
 
 def read_tsv(path: Path) -> tuple[list[str], list[str]]:
     """(sentences, labels) of a GLUE-style `sentence<TAB>label` file such as SST-2's train.tsv / dev.tsv.
-    The header line `sentence\\tlabel` is optional; blank lines are skipped; the label follows the last tab."""
+    The header line `sentence\\tlabel` is optional; blank lines are skipped; the label follows the last tab.
+    Another header (`text<TAB>label`) would read as an example of a class of its own: a first line whose label no
+    other line has, where other labels repeat, is taken for a header and skipped with a warning."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder: pass a TSV file of lines `sentence<TAB>label`")
@@ -205,7 +208,7 @@ def read_tsv(path: Path) -> tuple[list[str], list[str]]:
         text = path.read_text(encoding="utf-8-sig")                     # -sig: a spreadsheet's byte-order mark
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
-    sentences, labels = [], []
+    sentences, labels, first = [], [], 0       # first: the line number of the first example
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip() or (i == 1 and line.strip().lower() == "sentence\tlabel"):
             continue
@@ -214,6 +217,12 @@ def read_tsv(path: Path) -> tuple[list[str], list[str]]:
         sentence, label = line.rsplit("\t", 1)
         sentences.append(sentence)
         labels.append(label.strip())
+        first = first or i
+    counts = Counter(labels)
+    if first == 1 and counts[labels[0]] == 1 and max(counts.values()) > 1:
+        print(f"warning: {path}:1 is taken for a header and skipped: its label {labels[0]!r} is on no other line",
+              file=sys.stderr)
+        sentences, labels = sentences[1:], labels[1:]
     if not sentences:
         raise DataError(f"{path} has no `sentence<TAB>label` lines")
     return sentences, labels

@@ -348,12 +348,27 @@ def test_genre_split_by_play(plays):
     assert rows["test"][0][0].startswith("ACT I.")  # the cast list is skipped
 
 
+def test_read_tsv_skips_another_header_with_a_warning(tmp_path, capsys):
+    """A header other than `sentence<TAB>label` must not become a class of one example in training and testing."""
+    f = tmp_path / "train.tsv"
+    f.write_text("text\tlabel\ngood\tpos\nbad\tneg\nfine\tpos\n")
+    assert read_tsv(f) == (["good", "bad", "fine"], ["pos", "neg", "pos"])
+    assert capsys.readouterr().err == f"warning: {f}:1 is taken for a header and skipped: its label 'label' is on no " \
+                                      "other line\n"
+    f.write_text("good\tpos\nbad\tneg\nfine\tpos\n")                     # line 1's label repeats: an example
+    assert read_tsv(f)[1] == ["pos", "neg", "pos"]
+    f.write_text("\nbad\tneg\ngood\tpos\nfine\tpos\n")                  # the first example is not on line 1
+    assert read_tsv(f)[1] == ["neg", "pos", "pos"] and capsys.readouterr().err == ""
+
+
 def test_read_tsv(tmp_path):
     f = tmp_path / "dev.tsv"
     f.write_text("sentence\tlabel\nit 's a charming journey . \t1\n\nunfunny and tedious\t0\n")
     assert read_tsv(f) == (["it 's a charming journey . ", "unfunny and tedious"], ["1", "0"])
     f.write_text("no header here\tcomedy\n")
     assert read_tsv(f) == (["no header here"], ["comedy"])
+    f.write_text("fine\t1\nawful\t0\n")                                   # each label once: no header to see
+    assert read_tsv(f) == (["fine", "awful"], ["1", "0"])
     f.write_text("sentence\tlabel\nno tab here\n")
     with pytest.raises(DataError, match="dev.tsv:2"):
         read_tsv(f)
