@@ -227,6 +227,17 @@ def trained(modality: str) -> str:
     return f"pass the ckpt.pt of a train.py run (python train.py --modality={modality} writes out-{modality}/ckpt.pt)"
 
 
+def pretraining_config(ckpt: dict, path: Path, modality: str) -> Config:
+    """The train.py settings a checkpoint was trained with; a CheckpointError for a file that holds other ones
+    (a fine-tuning run's state.pt or --save file)."""
+    unknown = sorted(set(ckpt["config"]) - {f.name for f in fields(Config)})
+    if unknown:
+        what = ("holds a finetune.py run's settings" if "init_from" in unknown else
+                f"holds settings train.py does not have ({', '.join(unknown[:3])})")
+        raise CheckpointError(f"{path} {what}, so it is not a pretraining checkpoint: {trained(modality)}")
+    return Config(**ckpt["config"])
+
+
 def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
     """The pretraining config (architecture and data) and weights of --init_from, read once: `encoder.*` and
     `transformer.*` (plus an official checkpoint's task head, `lm_head.*` or `head.*`); for random weights, the
@@ -235,7 +246,7 @@ def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
         if fc.init_from != "random":
             raise ConfigError(f"--like={fc.like} gives random weights a checkpoint's architecture: pass "
                               "--init_from=random with it")
-        cfg = Config(**load_checkpoint(Path(fc.like), trained(fc.modality))["config"])
+        cfg = pretraining_config(load_checkpoint(Path(fc.like), trained(fc.modality)), Path(fc.like), fc.modality)
         if cfg.modality != fc.modality:
             raise CheckpointError(f"{fc.like} is a {cfg.modality} checkpoint; pass --modality={cfg.modality}")
         return cfg, None
@@ -249,7 +260,7 @@ def pretrained(fc: FinetuneConfig) -> tuple[Config, dict | None]:
         cfg, state = model.config, model.state_dict()
     else:
         ckpt = load_checkpoint(Path(fc.init_from), trained(fc.modality))
-        cfg = Config(**ckpt["config"])
+        cfg = pretraining_config(ckpt, Path(fc.init_from), fc.modality)
         # the student's regression head (head.*) serves pretraining only; its Transformer is `student.*` there
         state = {"transformer." + k.removeprefix("student.") if k.startswith("student.") else k: v
                  for k, v in ckpt["model"].items() if not k.startswith("head.")}

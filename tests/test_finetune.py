@@ -177,6 +177,12 @@ def test_fine_tuning_state_errors(pretrained, tmp_path, capsys):
     finetune.RunFile(fc).save(torch.nn.Linear(1, 1), *optimiser_and_schedule(), torch.Generator(), step=1)
     assert finetune.main([*args, "--resume", "--lr=0.5"]) == 1
     assert "other settings: lr=0.0001 (now 0.5)" in capsys.readouterr().err
+    state = out_dir / "state.pt"                                        # the state, where a ckpt.pt belongs
+    for wrong in ([f"--init_from={state}"], ["--init_from=random", f"--like={state}"]):
+        assert finetune.main([*wrong, "--mode=probe"]) == 1
+        assert capsys.readouterr().err == (f"error: {state} holds a finetune.py run's settings, so it is not a "
+                                           "pretraining checkpoint: pass the ckpt.pt of a train.py run (python "
+                                           "train.py --modality=text writes out-text/ckpt.pt)\n")
 
 
 def test_a_fine_tune_on_a_folder_in_use_is_refused_and_output_paths_are_checked_first(pretrained, tmp_path, capsys):
