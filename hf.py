@@ -242,10 +242,13 @@ def _transformers():
 
 
 def is_hf_source(source: str) -> bool:
-    """A save_pretrained folder (with config.json), or a hub name `org/name` that is no local path; not a .pt file."""
+    """A save_pretrained folder (with config.json), or a hub name `org/name` that is no local path; not a .pt file.
+    A missing `out/ckpt` inside an existing local folder `out` is a mistyped path, not a hub name."""
     path = Path(source)
     if path.exists():
         return (path / "config.json").is_file()
+    if Path(source.split("/")[0]).is_dir():
+        return False
     return path.suffix not in (".pt", ".pth") and re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
 
 

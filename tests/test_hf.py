@@ -278,8 +278,11 @@ def test_only_hf_imports_transformers():
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-def test_hf_sources_are_told_apart_from_our_checkpoints(tmp_path):
+def test_hf_sources_are_told_apart_from_our_checkpoints(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert not hf.is_hf_source("out/ckpt_typo")                  # a typo in a local path, not a hub name to ask for
     assert hf.is_hf_source(str(tmp_path)) and hf.is_hf_source("facebook/data2vec-audio-base-960h")
     assert not hf.is_hf_source("out-text/ckpt.pt") and not hf.is_hf_source(str(tmp_path / "config.json"))
     assert not hf.is_hf_source("random") and not hf.is_hf_source(str(ROOT / "data"))
