@@ -87,7 +87,8 @@ class FinetuneConfig:
     dropout: float = 0.1        # text: the dropout of RoBERTa's classification head
     # speech (run_speech)
     budget_minutes: float = 0.0  # train on a random subset of this many minutes of labelled audio; 0 = all of it
-    max_samples: int = 320_000  # longer labelled utterances are left out (20 s at 16 kHz)
+    max_samples: int = 320_000  # longer labelled training utterances are left out (20 s at 16 kHz); the test set
+                                # is read whole
     mask_prob: float = 0.65     # span masking while fine-tuning (fairseq: 0.65, spans of the pretraining length)
     freeze: float = 0.0         # fraction of the updates that train only the CTC head, the pretrained body frozen
                                 # (fairseq's freeze_finetune_updates: 10k of 13k updates for 10 min of labels)
@@ -699,7 +700,8 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
     if not fc.train:
         prepare_speech(CORPUS_DIR)
     train_set = SpeechData(Path(fc.train) if fc.train else CORPUS_DIR / "train.tsv", fc.max_samples, targets=True)
-    test_set = SpeechData(Path(fc.test) if fc.test else CORPUS_DIR / "test.tsv", fc.max_samples, targets=True)
+    # every test utterance counts, however long: --max_samples bounds the training batches only
+    test_set = SpeechData(Path(fc.test) if fc.test else CORPUS_DIR / "test.tsv", sys.maxsize, targets=True)
     if fc.budget_minutes > 0:
         if fc.budget_minutes >= train_set.minutes:
             print(f"--budget_minutes={fc.budget_minutes:g}: the training set holds {train_set.minutes:.1f} min, all "
@@ -766,7 +768,7 @@ def run_speech(fc: FinetuneConfig, cfg: Config, state: dict | None, device: torc
                                   "writes --save without training again") from None
         print(f"CTC checkpoint: {fc.save}")
     print(f"test CER {char_err:.4f} | WER {word_err:.4f} (init {fc.init_from}, {train_set.minutes:.1f} min of labelled "
-          f"audio, {len(test_set)} utterances of held-out voices)")
+          f"audio, {len(test_set)} utterances of {fc.test or 'held-out voices'})")
     run_file.finish()
     return dict(cer=char_err, wer=word_err, n_train=len(train_set), train_minutes=train_set.minutes,
                 n_test=len(test_set))
