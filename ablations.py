@@ -311,6 +311,12 @@ def default_jobs(task: str) -> int:
     return 1 if task == "digits" and torch.cuda.is_available() else cores()
 
 
+def is_the_recipe(task: str, setting: str) -> bool:
+    """A setting that changes nothing on this task (k4 and ffn on hmm and topic, whose recipe they are)."""
+    recipe = TINY if task == "digits" else HMM_TARGETS
+    return setting != "recipe" and all(recipe.get(k) == v for k, v in SETTINGS[setting][1].items())
+
+
 def task_run(task: str, setting: str, seed: int, iters: int, tmp: Path) -> dict:
     """One run of the task with the named setting (digits: its checkpoint under tmp) -> probe accuracy, min
     target_var."""
@@ -336,6 +342,12 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--settings names {twice[0]!r} more than once: name each setting once")
         if ac.task not in RECIPES:
             raise ConfigError(f"unknown task {ac.task!r}: choose from {', '.join(RECIPES)}")
+        if same := [n for n in names if is_the_recipe(ac.task, n)]:
+            names = [n for n in names if n not in same]
+            if not names:
+                raise ConfigError(f"{', '.join(same)}: the {ac.task} task's recipe itself ({RECIPES[ac.task]}); "
+                                  "name another setting, or recipe")
+            print(f"{', '.join(same)}: the {ac.task} task's recipe itself, so not run again")
         if ac.iters < 0 or ac.seeds < 1 or ac.jobs < 0:
             raise ConfigError("--iters, --seeds and --jobs take a positive number (--iters=0: the task's default; "
                               "--jobs=0: one per core)")

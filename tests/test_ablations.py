@@ -96,6 +96,20 @@ def test_bad_settings_are_clear_errors(capsys):
     assert "unknown task 'speech'" in capsys.readouterr().err
     with pytest.raises(ablations.ConfigError, match="only target settings"):
         ablations.hmm_run(0, iters=1, max_iters=5)
+    assert ablations.main(["--task=hmm", "--settings=k4,ffn"]) == 1
+    assert capsys.readouterr().err == ("error: k4, ffn: the hmm task's recipe itself (FFN outputs, top K = 4 of 4 "
+                                       "blocks (the text recipe's targets)); name another setting, or recipe\n")
+
+
+def test_settings_that_are_the_tasks_recipe_are_not_run_again(capsys):
+    """k4 and ffn are the hmm and topic recipe: three identical runs a seed, printed as three ablations, before."""
+    for task in ("hmm", "topic"):
+        assert [n for n in ablations.SETTINGS if ablations.is_the_recipe(task, n)] == ["k4", "ffn"]
+    assert not any(ablations.is_the_recipe("digits", n) for n in ablations.SETTINGS)
+    assert ablations.main(["--task=topic", "--settings=recipe,k4,ffn", "--seeds=1", "--iters=2", "--jobs=1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("k4, ffn: the topic task's recipe itself, so not run again\n1 topic runs of 2 updates")
+    assert out.count("\n| ") == 2                                      # the table: its header and the recipe's row
 
 
 def test_side_by_side_runs_come_back_in_order_from_one_thread_each():
