@@ -142,7 +142,8 @@ def build_targets(layers: list[Tensor], cfg: TargetConfig, padding_mask: Tensor 
     never targets."""
     if prefix:
         B, T = layers[0].shape[:2]
-        skip = torch.zeros(B, T, dtype=torch.bool, device=layers[0].device) if padding_mask is None else padding_mask.clone()
+        skip = padding_mask.clone() if padding_mask is not None else torch.zeros(B, T, dtype=torch.bool,
+                                                                                 device=layers[0].device)
         skip[:, :prefix] = True                                                 # (B, T)
         padding_mask = skip
     top = layers[-cfg.top_k:]

@@ -1,6 +1,8 @@
 """The classroom exercises (exercises/): every check passes on the reference solution and fails on the untouched stub
 and on deliberately wrong answers, so a student whose check passes has the concept right."""
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn as nn
@@ -29,6 +31,33 @@ def span_mask_iid_frames(lengths: Tensor, T: int, *, prob: float = 0.65, generat
 
 def span_mask_global_rng(lengths: Tensor, T: int, *, generator: torch.Generator, **kwargs) -> Tensor:
     return sol1.span_mask(lengths, T, generator=torch.Generator().manual_seed(torch.seed()), **kwargs)
+
+
+def span_mask_drawing_starts(draw: Callable[[int, int, torch.Generator], Tensor]) -> Callable[..., Tensor]:
+    """The solution, with its k distinct starts of 0 .. n - 1 replaced by draw(n, k, generator)."""
+    def span_mask(lengths: Tensor, T: int, *, prob: float = 0.65, span: int = 10, generator: torch.Generator,
+                  min_spans: int = 1) -> Tensor:
+        mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+        for b, L in enumerate(lengths.tolist()):
+            n_starts = max(L - span, 1)
+            k = min(max(int(prob * L / span + torch.rand(1, generator=generator).item()), min_spans), n_starts)
+            for s in draw(n_starts, k, generator).tolist():
+                mask[b, s : min(s + span, L)] = True
+        return mask
+    span_mask.__name__ = draw.__name__
+    return span_mask
+
+
+def starts_never_at_0(n: int, k: int, g: torch.Generator) -> Tensor:
+    return 1 + torch.randperm(max(n - 1, 1), generator=g)[:k] if n > 1 else torch.zeros(1, dtype=torch.long)
+
+
+def starts_one_short(n: int, k: int, g: torch.Generator) -> Tensor:
+    return torch.randperm(max(n - 1, 1), generator=g)[:k]                     # 0 .. n - 2
+
+
+def starts_with_replacement(n: int, k: int, g: torch.Generator) -> Tensor:
+    return torch.randint(n, (k,), generator=g)
 
 
 def instance_norm_over_padding(y: Tensor, padding_mask: Tensor | None, eps: float = 1e-5) -> Tensor:
@@ -105,7 +134,8 @@ EXERCISES = {  # name: (check, the solution's functions, the stub's functions, w
         checks.check_span_mask,
         (sol1.span_mask,),
         (ex1_span_mask.span_mask,),
-        [(span_mask_into_padding,), (span_mask_iid_frames,), (span_mask_global_rng,)],
+        [(span_mask_into_padding,), (span_mask_iid_frames,), (span_mask_global_rng,),
+         *[(span_mask_drawing_starts(d),) for d in (starts_never_at_0, starts_one_short, starts_with_replacement)]],
     ),
     "ex2": (
         checks.check_instance_norm,
