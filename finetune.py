@@ -33,7 +33,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -408,7 +408,17 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tens
     return correct / len(tokens)
 
 
-def run(fc: FinetuneConfig) -> dict:
+def warn_unread(fc: FinetuneConfig, given: Iterable[str]) -> None:
+    """One warning naming the settings on the command line (`given`) that the chosen --mode does not read
+    (MODE_ONLY): a command line shared by both modes still runs, and a probe given --lr says it ignores it."""
+    unread = [f"--{key}" + (f" ({MODE_ONLY[key][1]})" if MODE_ONLY[key][1] else "") for key in MODE_ONLY
+              if key in given and MODE_ONLY[key][0] != fc.mode]
+    if unread:
+        print(f"warning: --mode={fc.mode} does not read {', '.join(unread)}", file=sys.stderr)
+
+
+def run(fc: FinetuneConfig, given: Iterable[str] = ()) -> dict:
+    """The fine-tuning or probe run of fc; given: the settings on the command line (warn_unread)."""
     if not fc.init_from:
         raise ConfigError(f"pass --init_from=<checkpoint> (e.g. out-{fc.modality}/ckpt.pt) or --init_from=random")
     if fc.mode not in ("finetune", "probe"):
@@ -419,14 +429,17 @@ def run(fc: FinetuneConfig) -> dict:
     if fc.init_from in REFERENCES and (fc.modality, fc.mode) != ("text", "probe"):
         raise ConfigError(f"--init_from={fc.init_from} ({REFERENCES[fc.init_from]}, no encoder) is a reference for the "
                           "text probe: pass --modality=text --mode=probe")
-    if fc.probe_layer != -1 and fc.mode != "probe":
-        raise ConfigError(f"--probe_layer={fc.probe_layer} chooses what the probe reads: pass --mode=probe")
     if fc.resume and fc.mode != "finetune":
         raise ConfigError("--resume continues a stopped fine-tuning run; the probe keeps no state: run it again "
                           "without --resume")
+    if fc.probe_layer != -1 and fc.mode != "probe":
+        raise ConfigError(f"--probe_layer={fc.probe_layer} chooses what the probe reads: pass --mode=probe")
+    if fc.probe_layer != -1 and fc.init_from in REFERENCES:
+        raise ConfigError(f"--probe_layer={fc.probe_layer}: --init_from={fc.init_from} has no layers; leave it out")
     check_numbers(fc, COUNTS, LIMITS)
     if fc.max_len < MIN_LEN:
         raise ConfigError(f"--max_len={fc.max_len}: a passage holds <s>, its tokens and </s>: use at least {MIN_LEN}")
+    warn_unread(fc, given)
     if fc.save:
         # checked now, not when the run has ended
         if Path(fc.save).is_dir():
@@ -801,6 +814,16 @@ ONLY = {
     "save": ("speech", "text and vision report their accuracy and keep no model"),
 }
 
+# The settings only one --mode reads: (that mode, what the other reads instead); warn_unread names them in the other.
+# Both read --batch_size and --weight_decay; the probe writes nothing into --out_dir; --probe_layer elsewhere is an error.
+MODE_ONLY = {
+    "lr": ("finetune", "the probe's is --probe_lr"),
+    "epochs": ("finetune", "the probe's are --probe_epochs"),
+    **dict.fromkeys(("warmup", "layer_decay", "label_smoothing", "ckpt_interval", "log_interval"), ("finetune", "")),
+    "dropout": ("finetune", "the probe's linear classifier has none"),
+    "probe_lr": ("probe", "fine-tuning's is --lr"),
+    "probe_epochs": ("probe", "fine-tuning's are --epochs"),
+}
 
 # Per-modality defaults, applied before the command line (as train.py's presets). Vision: BEiT's fine-tuning recipe
 # (layer decay 0.65, label smoothing 0.1, wd 0.05, SPEC §3) at an lr, batch and length for the small digits model
@@ -827,7 +850,7 @@ def main(argv: list[str]) -> int:
         if asked:
             print(usage(__doc__, parse_config(argv)))
             return 0
-        run(parse_config(argv))
+        run(parse_config(argv), given=parse_overrides(FinetuneConfig, argv))
     except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

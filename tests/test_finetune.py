@@ -61,6 +61,10 @@ def test_text_reads_the_settings_only_lists_for_it_and_refuses_the_others(pretra
             "--epochs=1", "--probe_epochs=1"]
     for mode in ("probe", "finetune"):
         assert finetune.main([*args, f"--mode={mode}"]) == 0
+    # one command line for both modes runs, and each names what it does not read
+    assert capsys.readouterr().err == ("warning: --mode=probe does not read --epochs (the probe's are --probe_epochs)\n"
+                                       "warning: --mode=finetune does not read --probe_epochs (fine-tuning's are "
+                                       "--epochs)\n")
     assert_only_lists(finetune.ONLY, "text", read)
     for setting, message in (("--data=corpus.txt", "--data does nothing for text fine-tuning (only vision reads it): "
                               "leave it out; text and speech read --train and --test"),
@@ -277,6 +281,8 @@ def test_bad_input(pretrained, tmp_path, capsys):
     assert "--init_from=ppmi (word vectors" in capsys.readouterr().err
     assert finetune.main(["--init_from=random", "--probe_layer=0"]) == 1
     assert "pass --mode=probe" in capsys.readouterr().err
+    assert finetune.main(["--init_from=bag", "--mode=probe", "--probe_layer=2"]) == 1
+    assert capsys.readouterr().err == "error: --probe_layer=2: --init_from=bag has no layers; leave it out\n"
     for setting, message in (("--label_fraction=0", "--label_fraction=0.0: needs a value in (0, 1]"),
                              ("--epochs=0", "--epochs=0: needs at least 1"),
                              ("--max_len=2", "--max_len=2: a passage holds <s>, its tokens and </s>: use at least 3"),
