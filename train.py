@@ -880,6 +880,15 @@ def load_state(module: torch.nn.Module, state: dict, what: str, path: Path) -> N
 # -----------------------------------------------------------------------------
 # the training loop
 
+def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's two groups: weight decay on the matrices (linear weights, embedding tables, the relative position
+    bias, vision's mask token), none on biases, norms and vision's CLS token (BEiT's and data2vec_vision's rule)."""
+    groups: list[dict] = [{"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0}]
+    for name, p in model.named_parameters():
+        groups[p.dim() < 2 or name.endswith("cls_token")]["params"].append(p)
+    return groups
+
+
 def forward_backward(model: torch.nn.Module, teacher: EMATeacher, batches: list[dict], world: int,
                      scaler: torch.amp.GradScaler,
                      autocast: AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor, list, list]:
@@ -957,18 +966,19 @@ def run(cfg: Config, rank: int, world: int, device: torch.device, dtype: torch.d
     model = task.build_model().to(device)
     teacher = EMATeacher(model.student, cfg.tau_0, cfg.tau_e, cfg.tau_n).to(device)
     torch.manual_seed(cfg.seed + rank)      # each process its own dropout stream
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  eps=cfg.adam_eps, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     step = 0
     history = {"step": [], "loss": [], "target_var": [], "pred_var": [], "eval_step": [], "eval_loss": []}
     if ckpt is not None:
         load_state(model, ckpt["model"], "student", ckpt_path)
         load_state(teacher.model, ckpt["teacher"], "teacher", ckpt_path)
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError as e:                         # groups of another size: a checkpoint of an older version
+            raise CheckpointError(f"{ckpt_path}: its optimizer state does not fit this model's parameter groups ({e}); "
+                                  "start the run afresh with another --out_dir") from None
         if scaler.is_enabled() and ckpt["scaler"]:      # empty when the run so far was not fp16
             scaler.load_state_dict(ckpt["scaler"])
         step, history = ckpt["step"], ckpt["history"]

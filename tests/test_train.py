@@ -19,7 +19,8 @@ import torch
 
 import bench
 import train
-from data2vec import EMATeacher
+from data2vec import Data2Vec, EMATeacher, TargetConfig
+from encoders import PatchEncoder
 from train import Config, forward_backward, lr_at, parse_args, text_data_dir
 from transformer import TransformerConfig
 
@@ -448,6 +449,29 @@ def test_checkpoint_errors_never_overwrite_the_last_good_one(corpus, tmp_path, c
     (tmp_path / "bad" / "ckpt.pt").write_bytes(good[: len(good) // 2])              # truncated file
     code, err = run([*TINY, f"--data={corpus}", f"--out_dir={tmp_path / 'bad'}", "--resume"], capsys)
     assert code == 1 and "corrupt" in err and "Traceback" not in err
+
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)          # an older version's optimizer groups
+    groups = ckpt["optimizer"]["param_groups"]
+    groups[0]["params"].append(groups[1]["params"].pop())
+    torch.save(ckpt, tmp_path / "bad" / "ckpt.pt")
+    code, err = run([*TINY, f"--data={corpus}", f"--out_dir={tmp_path / 'bad'}", "--resume"], capsys)
+    assert code == 1 and err.startswith(f"error: {tmp_path / 'bad' / 'ckpt.pt'}: its optimizer state does not fit "
+                                        "this model's parameter groups (")
+    assert err.endswith("start the run afresh with another --out_dir\n")
+
+
+def test_weight_decay_spares_biases_norms_and_the_cls_token():
+    """BEiT's and data2vec_vision's rule: no decay on 1-D parameters and on the CLS token, decay on the rest."""
+    cfg = TransformerConfig(n_layer=2, dim=16, n_head=2, ffn_dim=32, pre_ln=True, layer_scale=0.1, k_bias=False,
+                            rel_pos_grid=(4, 4))
+    model = Data2Vec(PatchEncoder(1, 16, 4), cfg, TargetConfig(top_k=2), head_hidden=False)
+    decay, no_decay = train.weight_decay_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == (
+        {n for n, p in model.named_parameters() if p.dim() == 1} | {"encoder.cls_token"})
+    assert {n for n, p in model.named_parameters() if p.dim() > 1} - {"encoder.cls_token"} == (
+        {names[id(p)] for p in decay["params"]})                        # the mask token, the relative bias, ...
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
