@@ -269,7 +269,8 @@ def test_without_transformers_the_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)                                 # import fails
     with pytest.raises(hf.ConversionError, match=r"pip install transformers=="):
         hf.from_pretrained("facebook/data2vec-audio-base")
-    assert hf.INSTALL.split()[-1] in (ROOT / ".ci" / "run").read_text()                   # CI installs that pin
+    assert hf.INSTALL.split()[-1] in (ROOT / "requirements-test.txt").read_text().split()  # CI installs that pin
+    assert "-r requirements-test.txt" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_only_hf_imports_transformers():
