@@ -140,7 +140,7 @@ def build_targets(layers: list[Tensor], cfg: TargetConfig, padding_mask: Tensor 
 
     Instance norm's statistics leave out padded steps and the first `prefix` steps (the encoder's CLS), which are
     never targets."""
-    if prefix:
+    if prefix and "instance" in (cfg.target_norm, cfg.final_norm):        # layer norm reads no statistics over time
         B, T = layers[0].shape[:2]
         skip = padding_mask.clone() if padding_mask is not None else torch.zeros(B, T, dtype=torch.bool,
                                                                                  device=layers[0].device)
